@@ -1,0 +1,26 @@
+"""fxflatten: depth compression of pre-norm transformers (FlattenGPT) as torch.fx graph passes.
+
+The pipeline is capture -> discover blocks -> calibrate -> passes -> export; each step is a
+public function here, and the ``fxflatten`` command calls the same functions.
+"""
+
+from fxflatten.capture import capture
+from fxflatten.errors import FxflattenError
+from fxflatten.graph import discover_blocks
+from fxflatten.layout import AttentionLayout, Block, BlockMap, Branch, Linear, MlpLayout, Norm, Projection
+from fxflatten.load import load_model
+
+__all__ = [
+    "AttentionLayout",
+    "Block",
+    "BlockMap",
+    "Branch",
+    "FxflattenError",
+    "Linear",
+    "MlpLayout",
+    "Norm",
+    "Projection",
+    "capture",
+    "discover_blocks",
+    "load_model",
+]

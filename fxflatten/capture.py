@@ -1,0 +1,144 @@
+"""Capture a language model as a graph with `torch.export`.
+
+Every later step works on the GraphModule this returns: an unlifted program (parameters are
+`get_attr` nodes named as in the model, prefixed by ``model.``) whose inputs are
+``input_ids, attention_mask`` with dynamic batch and sequence dimensions and whose output is the
+logits. `torch.fx.symbolic_trace` cannot trace Hugging Face models any more; `torch.export`
+(non-strict) can, and it records `nn_module_stack` on every node, which maps graph results back
+to the model's own module and parameter names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from fxflatten.errors import FxflattenError
+
+log = logging.getLogger(__name__)
+
+#: Prefix that parameter targets in a captured graph carry in front of the model's own names.
+PARAM_PREFIX = "model."
+#: GraphModule.meta key holding the longest sequence the graph was exported for.
+MAX_LEN = "fxflatten_max_len"
+
+
+class LogitsOnly(nn.Module):
+    """Calls a causal LM as ``logits = f(input_ids, attention_mask)`` and nothing else.
+
+    Hugging Face models get ``use_cache=False`` (a cache would add outputs and mutable state to
+    the graph); plain modules get the mask only if their forward takes one.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self._takes_mask = "attention_mask" in params
+        self._takes_cache = "use_cache" in params
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self._takes_mask:
+            kwargs["attention_mask"] = attention_mask
+        if self._takes_cache:
+            kwargs["use_cache"] = False
+        out = self.model(input_ids, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out
+        if getattr(out, "logits", None) is not None:
+            return out.logits
+        if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
+            return out[0]
+        raise FxflattenError(
+            f"the model returned {type(out).__name__}, not logits: wrap it so that "
+            "forward(input_ids) returns a (batch, seq, vocab) tensor"
+        )
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    """The vocabulary size, from the config if there is one, else from the input embedding."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size:
+        return int(size)
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().num_embeddings
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.num_embeddings
+    raise FxflattenError("cannot tell the vocabulary size: the model has no config and no nn.Embedding")
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and an all-ones mask, batch >= 2 so that export keeps batch dynamic."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size_of(model), (batch, seq_len), generator=generator)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def max_positions_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 8192
+
+
+def capture(model: nn.Module, *, batch: int = 2, seq_len: int = 16) -> torch.fx.GraphModule:
+    """Export ``model`` to a GraphModule ``logits = gm(input_ids, attention_mask)``.
+
+    Batch and sequence length are dynamic; the example used for tracing has ``batch`` rows of
+    ``seq_len`` random tokens. The model is neither modified nor copied: the graph's parameters
+    are the model's own tensors, so passes that rewrite weights must replace them, not edit
+    them in place.
+    """
+    if model.training:
+        raise FxflattenError("the model is in training mode: call model.eval() before capture")
+    args = example_inputs(model, batch, seq_len)
+    graph_module = export_logits(LogitsOnly(model).eval(), args, max(max_positions_of(model), seq_len), type(model).__name__)
+    log.info("captured %s: %d graph nodes", type(model).__name__, len(graph_module.graph.nodes))
+    return graph_module
+
+
+def recapture(graph_module: torch.fx.GraphModule, *, batch: int = 2, seq_len: int = 16) -> torch.fx.GraphModule:
+    """Export a (rewritten) captured graph again, which re-checks it and refreshes its metadata.
+
+    Passes that change shapes leave stale shape metadata on the nodes they touch; exporting the
+    result anew recomputes every node's metadata and fails loudly if the rewrite is inconsistent.
+    """
+    args = graph_example_inputs(graph_module, batch, seq_len)
+    return export_logits(graph_module, args, graph_module.meta[MAX_LEN], "the rewritten graph")
+
+
+def graph_example_inputs(graph_module: torch.fx.GraphModule, batch: int = 2, seq_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Example inputs for a captured graph: token ids below its embedding table's size."""
+    tables = [
+        node.args[0] for node in graph_module.graph.nodes
+        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) is torch.ops.aten.embedding
+    ]
+    vocab = min((graph_module.get_parameter(table.target).shape[0] for table in tables if table.op == "get_attr"), default=2)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, int(vocab), (batch, seq_len), generator=generator)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def export_logits(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor], max_len: int, what: str) -> torch.fx.GraphModule:
+    batch_dim = Dim("batch", min=1, max=4096)
+    seq_dim = Dim("seq", min=2, max=max_len)
+    dims = {0: batch_dim, 1: seq_dim}
+    try:
+        program = torch.export.export(module, args, dynamic_shapes=(dims, dims), strict=False)
+    except FxflattenError:
+        raise
+    except Exception as error:  # torch.export raises many types; the first line is the useful one
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FxflattenError(f"torch.export could not capture {what}: {first} (run with --debug for the traceback)") from error
+    graph_module = program.module()
+    graph_module.meta[MAX_LEN] = max_len
+    return graph_module

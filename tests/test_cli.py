@@ -1,0 +1,57 @@
+"""The fxflatten command: tables, JSON, and one-line errors with exit status 2."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from fxflatten.cli import main
+from tests.models import VOCAB, Shape, build
+
+
+def save_with_tokenizer(model, path):
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_inspect_prints_the_block_table(tmp_path, capsys):
+    model_dir = save_with_tokenizer(build("qwen2", Shape(layers=3)), tmp_path / "qwen2")
+    assert main(["inspect", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "3 blocks, hidden size 32" in out
+    assert out.count("model.layers.") == 3
+
+
+def test_inspect_json_reports_heads_and_widths(tmp_path, capsys):
+    model_dir = save_with_tokenizer(build("llama", Shape(layers=2, heads=6, kv_heads=3, head_dim=4, hidden=24, width=40)), tmp_path / "llama")
+    assert main(["inspect", str(model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_blocks"] == 2
+    assert [(b["heads"], b["kv_heads"], b["head_dim"], b["mlp_width"]) for b in report["blocks"]] == [(6, 3, 4, 40)] * 2
+    assert report["blocks"][1]["linears"]["q"] == "model.layers.1.self_attn.q_proj.weight"
+
+
+def test_post_norm_model_is_refused_with_exit_status_2(tmp_path, capsys):
+    model_dir = save_with_tokenizer(build("bert"), tmp_path / "bert")
+    assert main(["inspect", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxflatten: error:") and "post-norm" in err and "\n" not in err
+
+
+def test_missing_model_path_is_a_one_line_error(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such file" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_inspect_default_model(default_model, capsys):
+    assert main(["inspect", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_blocks"] == 30 and report["hidden_size"] == 576
+    assert {(b["heads"], b["kv_heads"], b["head_dim"], b["mlp_width"], b["norm"]) for b in report["blocks"]} == {(9, 3, 64, 1536, "rms")}
+    assert all(b["fusable"] for b in report["blocks"])
