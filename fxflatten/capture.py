@@ -101,7 +101,8 @@ def capture(model: nn.Module, *, batch: int = 2, seq_len: int = 16) -> torch.fx.
     if model.training:
         raise FxflattenError("the model is in training mode: call model.eval() before capture")
     args = example_inputs(model, batch, seq_len)
-    graph_module = export_logits(LogitsOnly(model).eval(), args, max(max_positions_of(model), seq_len), type(model).__name__)
+    graph_module = export_logits(LogitsOnly(model).eval(), args, max(max_positions_of(model), seq_len), type(model).__name__).module()
+    graph_module.meta[MAX_LEN] = max(max_positions_of(model), seq_len)
     log.info("captured %s: %d graph nodes", type(model).__name__, len(graph_module.graph.nodes))
     return graph_module
 
@@ -112,6 +113,14 @@ def recapture(graph_module: torch.fx.GraphModule, *, batch: int = 2, seq_len: in
     Passes that change shapes leave stale shape metadata on the nodes they touch; exporting the
     result anew recomputes every node's metadata and fails loudly if the rewrite is inconsistent.
     """
+    program = to_program(graph_module, batch, seq_len)
+    rewritten = program.module()
+    rewritten.meta[MAX_LEN] = graph_module.meta[MAX_LEN]
+    return rewritten
+
+
+def to_program(graph_module: torch.fx.GraphModule, batch: int = 2, seq_len: int = 16) -> torch.export.ExportedProgram:
+    """The ExportedProgram of a captured graph, e.g. to ``torch.export.save`` it."""
     args = graph_example_inputs(graph_module, batch, seq_len)
     return export_logits(graph_module, args, graph_module.meta[MAX_LEN], "the rewritten graph")
 
@@ -128,7 +137,7 @@ def graph_example_inputs(graph_module: torch.fx.GraphModule, batch: int = 2, seq
     return input_ids, torch.ones_like(input_ids)
 
 
-def export_logits(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor], max_len: int, what: str) -> torch.fx.GraphModule:
+def export_logits(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor], max_len: int, what: str) -> torch.export.ExportedProgram:
     batch_dim = Dim("batch", min=1, max=4096)
     seq_dim = Dim("seq", min=2, max=max_len)
     dims = {0: batch_dim, 1: seq_dim}
@@ -139,6 +148,4 @@ def export_logits(module: nn.Module, args: tuple[torch.Tensor, torch.Tensor], ma
     except Exception as error:  # torch.export raises many types; the first line is the useful one
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise FxflattenError(f"torch.export could not capture {what}: {first} (run with --debug for the traceback)") from error
-    graph_module = program.module()
-    graph_module.meta[MAX_LEN] = max_len
-    return graph_module
+    return program

@@ -45,6 +45,21 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     )
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", metavar="FILE", help="calibration text (default: the embedded default text)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity (default: the embedded evaluation text)")
+    parser.add_argument("--eval-windows", type=int, default=None, help="evaluation windows (default: all the text holds)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def cmd_flatten(args: argparse.Namespace) -> None:
+    from fxflatten.commands import run_flatten
+
+    run_flatten(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxflatten", description="Depth compression of pre-norm transformers (FlattenGPT) as torch.fx graph passes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -54,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     inspect.add_argument("--json", action="store_true", help="print the block table as JSON")
     inspect.set_defaults(run=cmd_inspect)
+
+    flatten = commands.add_parser("flatten", help="flatten and widen the most similar adjacent blocks (no pruning)")
+    flatten.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, or 'default'")
+    flatten.add_argument("--ratio", type=float, required=True, help="share of all parameters the groups would remove once pruned back, in (0, 0.9]")
+    flatten.add_argument("--max-group", type=int, default=None, help="most blocks in one group (default: no limit)")
+    flatten.add_argument("--out", help="output directory for the widened model (required unless --dry-run)")
+    flatten.add_argument("--force", action="store_true", help="replace --out if it exists")
+    flatten.add_argument("--dry-run", action="store_true", help="print the similarity table and the chosen groups only")
+    add_data_arguments(flatten)
+    flatten.set_defaults(run=cmd_flatten)
     return parser
 
 

@@ -1,0 +1,128 @@
+"""Run a captured graph one block at a time over calibration windows.
+
+Statistics for block k must come from activations that flowed through blocks 0..k-1 (already
+compressed, when compressing), and only one block's inputs should be in memory at a time. The
+graph is cut into segments: a prologue (embedding, masks, rotary tables: everything that does
+not depend on a block), one segment per block (the nodes between the stream value entering it
+and the stream value leaving it), and an epilogue (final norm, head). Segments run node by node
+over every calibration batch; between segments only the values later segments read survive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from fxflatten.graph import resolve_identity, to_digraph
+from fxflatten.layout import Block, BlockMap
+from fxflatten.tensors import get_tensor
+
+#: Called with (node, value) for watched nodes as a segment runs.
+Observer = Callable[[Node, torch.Tensor], None]
+
+
+@dataclass
+class Segment:
+    """A run of graph nodes: the prologue, one block, or the epilogue."""
+
+    name: str
+    nodes: list[Node]
+    block: Block | None = None
+
+
+def block_boundaries(gm: GraphModule, block_map: BlockMap) -> list[str]:
+    """Names of the stream values between blocks: entering block 0, then leaving each block."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    entry = resolve_identity(nodes[block_map.blocks[0].attention[0].stream_in]).name
+    return [entry] + [block.mlp[-1].add for block in block_map.blocks]
+
+
+def segments(gm: GraphModule, block_map: BlockMap) -> list[Segment]:
+    """Cut the graph into prologue, one segment per block, and epilogue."""
+    dag = to_digraph(gm)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    order = {node.name: index for index, node in enumerate(gm.graph.nodes)}
+    boundaries = block_boundaries(gm, block_map)
+    entry = boundaries[0]
+    assigned: set[str] = set()
+    result = []
+    for block, (start, end) in zip(block_map.blocks, zip(boundaries, boundaries[1:])):
+        inside = (nx.descendants(dag, start) & (nx.ancestors(dag, end) | {end})) - assigned
+        inside = {name for name in inside if nodes[name].op == "call_function"}
+        assigned |= inside
+        result.append(Segment(f"block {block.index}", sorted((nodes[n] for n in inside), key=lambda n: order[n.name]), block))
+    after = nx.descendants(dag, boundaries[-1]) - assigned
+    epilogue = [node for node in gm.graph.nodes if node.name in after and node.op == "call_function"]
+    # Nodes that depend on the stream but feed nothing (export's dtype assertions) are skipped.
+    downstream = nx.descendants(dag, entry)
+    prologue = [
+        node for node in gm.graph.nodes
+        if node.op in ("placeholder", "call_function") and node.name not in downstream
+    ]
+    return [Segment("prologue", prologue)] + result + [Segment("epilogue", epilogue)]
+
+
+class SegmentRunner:
+    """Runs segments over a list of batches, keeping only values that later segments need."""
+
+    def __init__(self, gm: GraphModule, parts: list[Segment]) -> None:
+        self.gm = gm
+        self.parts = parts
+        self.output = next(node for node in gm.graph.nodes if node.op == "output")
+        # For every node, the index of the last segment that reads it.
+        position = {node.name: i for i, part in enumerate(parts) for node in part.nodes}
+        self.last_use: dict[str, int] = {}
+        for i, part in enumerate(parts):
+            for node in part.nodes:
+                for source in node.all_input_nodes:
+                    self.last_use[source.name] = max(self.last_use.get(source.name, -1), i)
+        for source in self.output.all_input_nodes:
+            self.last_use[source.name] = len(parts)
+        self.position = position
+
+    def start(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, object]]:
+        """One environment per batch holding the graph's inputs."""
+        placeholders = [node for node in self.gm.graph.nodes if node.op == "placeholder"]
+        return [{node.name: value for node, value in zip(placeholders, batch)} for batch in batches]
+
+    def run(self, index: int, envs: list[dict[str, object]], watch: dict[str, Observer] | None = None) -> None:
+        """Run segment ``index`` on every batch's environment, then drop dead values."""
+        part = self.parts[index]
+        for env in envs:
+            self.run_nodes(part.nodes, env, watch or {})
+            self.drop(index, env)
+
+    def drop(self, index: int, env: dict[str, object]) -> None:
+        """Forget the values no segment after ``index`` reads."""
+        for name in [name for name in env if self.last_use.get(name, -1) <= index and name in self.position]:
+            del env[name]
+
+    def run_nodes(self, nodes: list[Node], env: dict[str, object], watch: dict[str, Observer]) -> None:
+        def value(arg: Node) -> object:
+            if arg.op == "get_attr":
+                return get_tensor(self.gm, arg.target)
+            return env[arg.name]
+
+        for node in nodes:
+            if node.op == "placeholder":
+                continue
+            args = map_arg(node.args, value)
+            kwargs = map_arg(node.kwargs, value)
+            env[node.name] = node.target(*args, **kwargs)
+            if node.name in watch:
+                watch[node.name](node, env[node.name])
+
+    def outputs(self, envs: list[dict[str, object]]) -> Iterator[object]:
+        """The graph's output for each batch, once the epilogue has run."""
+        for env in envs:
+            yield map_arg(self.output.args[0], lambda arg: env[arg.name])
+
+
+def batches_of(windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Token windows as (input_ids, attention_mask) batches."""
+    return [(chunk, torch.ones_like(chunk)) for chunk in windows.split(batch_size)]

@@ -1,0 +1,1 @@
+"""Graph passes, one module each: flatten, fold_norms, fuse (widen), prune."""

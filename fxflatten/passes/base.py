@@ -1,0 +1,80 @@
+"""What every fxflatten pass shares: the torch.fx pass shape, and checks that run the graph.
+
+A pass is a :class:`torch.fx.passes.infra.pass_base.PassBase`: ``requires`` checks its
+preconditions, ``call`` rewrites and returns ``PassResult(graph_module, modified)``, ``ensures``
+checks the result. Unlike the base class we check the graph module ``call`` returned: our
+passes never mutate their input (its tensors belong to the user's model), they return a new
+graph module, re-exported so that every node's metadata is fresh.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from fxflatten.capture import graph_example_inputs, recapture
+from fxflatten.errors import FxflattenError
+
+log = logging.getLogger(__name__)
+
+
+class GraphPass(PassBase):
+    """Base of all fxflatten passes: lint and run the graph before and after the rewrite."""
+
+    def __call__(self, graph_module: GraphModule) -> PassResult:
+        self.requires(graph_module)
+        result = self.call(graph_module)
+        self.ensures(result.graph_module)
+        return result
+
+    def requires(self, graph_module: GraphModule) -> None:
+        graph_module.graph.lint()
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        graph_module.graph.lint()
+        check_runs(graph_module, type(self).__name__)
+
+
+def check_runs(graph_module: GraphModule, who: str) -> None:
+    """Run the graph on a small batch; its logits must have the right shape and be finite."""
+    input_ids, mask = graph_example_inputs(graph_module, batch=2, seq_len=5)
+    with torch.no_grad():
+        logits = graph_module(input_ids, mask)
+    if logits.shape[:2] != input_ids.shape:
+        raise FxflattenError(f"{who} produced a graph whose logits have shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise FxflattenError(f"{who} produced a graph whose logits are not finite")
+
+
+def editable_copy(graph_module: GraphModule) -> GraphModule:
+    """A graph module with its own graph and module tree but the same tensors.
+
+    Rewriting its graph or replacing its parameters leaves ``graph_module`` untouched; the
+    tensors are shared until a pass replaces them, so copying costs no weight memory.
+    """
+    copied = GraphModule(graph_module, copy.deepcopy(graph_module.graph))
+    copied.meta.update(graph_module.meta)
+    return copied
+
+
+def finish(graph_module: GraphModule) -> GraphModule:
+    """Clean up a rewritten graph and export it again (fresh metadata, re-checked).
+
+    Parameters that no node reads any more (folded norm scales, fused-away branches) are
+    deleted, so parameter counts and saved checkpoints reflect the rewritten model.
+    """
+    # Export's dtype assertions and eval-mode dropouts count as side effects and would keep
+    # alive every branch a pass has cut off; the re-export below adds the assertions anew.
+    graph_module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op in ("placeholder", "output"))
+    graph_module.graph.lint()
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
+        if name not in used:
+            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            delattr(graph_module.get_submodule(owner), leaf)
+    graph_module.recompile()
+    return recapture(graph_module)

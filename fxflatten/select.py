@@ -1,0 +1,124 @@
+"""Choose which adjacent blocks to flatten (FlattenGPT step 1).
+
+Hidden states entering adjacent layers are very similar in deep layers, so those layers are
+the cheapest to run in parallel. On calibration text we measure the mean cosine similarity
+between the hidden states entering every pair of layers (a token sample is enough), then merge
+greedily: the adjacent pair of units with the highest similarity becomes one group. A group
+counts as one unit whose similarity to a neighbour is taken between its first layer's input
+and the neighbour's far end (so merging [a..b] with [b+1..c] scores cos(x_a, x_c)). Merging
+stops once the parameters removed, when every group is pruned back to one block's width, reach
+the target share of all parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+from tqdm.auto import tqdm
+
+from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
+from fxflatten.errors import FxflattenError
+from fxflatten.graph import discover_blocks
+from fxflatten.layout import BlockMap
+from fxflatten.report import format_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen groups (block indices), the similarity matrix they came from, and the ratio."""
+
+    groups: list[list[int]]
+    similarity: torch.Tensor  # [i, j]: mean cosine of the hidden states entering layers i and j
+    removed_parameters: int
+    total_parameters: int
+
+    @property
+    def ratio(self) -> float:
+        return self.removed_parameters / self.total_parameters
+
+    def table(self) -> str:
+        """Adjacent-layer similarities, with the group each layer ends up in."""
+        group_of = {index: tuple(group) for group in self.groups for index in group}
+        rows = []
+        for i in range(self.similarity.shape[0] - 1):
+            group = group_of.get(i)
+            rows.append([i, float(self.similarity[i, i + 1]), "-".join(map(str, group)) if group and len(group) > 1 else ""])
+        return format_table(["block", "cos(in, next in)", "group"], rows)
+
+
+@torch.no_grad()
+def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMap | None = None,
+                      batch_size: int = 4, max_tokens: int = 4096, progress: bool = False) -> torch.Tensor:
+    """Mean cosine similarity between the hidden states entering each pair of layers.
+
+    Entry ``[i, j]`` compares the stream entering block i with the stream entering block j
+    (index L is the stream leaving the last block), averaged over a fixed, evenly spaced sample
+    of at most ``max_tokens`` calibration tokens. Runs block by block.
+    """
+    block_map = block_map or discover_blocks(gm)
+    parts = segments(gm, block_map)
+    runner = SegmentRunner(gm, parts)
+    envs = runner.start(batches_of(windows, batch_size))
+    per_batch = max(1, max_tokens // len(envs))
+    states = []
+    boundaries = block_boundaries(gm, block_map)
+    for index in tqdm(range(len(parts) - 1), desc="similarity", disable=not progress, leave=False):
+        runner.run(index, envs)
+        name = boundaries[index]
+        sample = []
+        for env in envs:
+            value = env[name].flatten(0, -2).float()
+            step = max(1, value.shape[0] // per_batch)
+            sample.append(torch.nn.functional.normalize(value[::step][:per_batch], dim=-1))
+        states.append(torch.cat(sample))
+    stacked = torch.stack(states)  # (L + 1, tokens, hidden)
+    return torch.einsum("itd,jtd->ij", stacked, stacked) / stacked.shape[1]
+
+
+def greedy_groups(similarity: torch.Tensor, block_parameters: list[int], total_parameters: int,
+                  ratio: float, max_group: int | None = None) -> tuple[list[list[int]], int]:
+    """Merge the most similar adjacent units until ``ratio`` of all parameters would be removed.
+
+    Never removes more than asked; returns the groups and the parameters they remove.
+    """
+    units = [[i] for i in range(len(block_parameters))]
+    target = ratio * total_parameters
+
+    def removed(groups: list[list[int]]) -> int:
+        return sum(sum(block_parameters[i] for i in g) - sum(block_parameters[i] for i in g) // len(g) for g in groups)
+
+    while True:
+        candidates = [
+            (float(similarity[units[k][0], units[k + 1][-1]]), k) for k in range(len(units) - 1)
+            if max_group is None or len(units[k]) + len(units[k + 1]) <= max_group
+        ]
+        if not candidates:
+            break
+        _, k = max(candidates)
+        merged = units[:k] + [units[k] + units[k + 1]] + units[k + 2:]
+        if removed(merged) > target:
+            break
+        units = merged
+    groups = [unit for unit in units if len(unit) > 1]
+    return groups, removed(groups)
+
+
+def select_groups(gm: GraphModule, windows: torch.Tensor, ratio: float, block_map: BlockMap | None = None,
+                  max_group: int | None = None, batch_size: int = 4, progress: bool = False) -> Selection:
+    """Measure layer similarities on ``windows`` and choose groups removing ``ratio`` of parameters."""
+    if not 0 < ratio <= 0.9:
+        raise FxflattenError(f"--ratio must be in (0, 0.9], got {ratio}")
+    block_map = block_map or discover_blocks(gm)
+    similarity = hidden_similarity(gm, windows, block_map, batch_size=batch_size, progress=progress)
+    block_parameters = [block.parameters for block in block_map.blocks]
+    groups, removed = greedy_groups(similarity, block_parameters, block_map.total_parameters, ratio, max_group)
+    if not groups:
+        smallest = min(block_parameters) / block_map.total_parameters
+        raise FxflattenError(f"--ratio {ratio} is too small to remove one block; the smallest block is {smallest:.3f} of the model")
+    log.info("chose groups %s removing %.3f of parameters", groups, removed / block_map.total_parameters)
+    return Selection(groups, similarity, removed, block_map.total_parameters)
