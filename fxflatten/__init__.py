@@ -9,6 +9,8 @@ from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks
 from fxflatten.layout import AttentionLayout, Block, BlockMap, Branch, Linear, MlpLayout, Norm, Projection
 from fxflatten.load import load_model
+from fxflatten.passes.prune import PruneConfig
+from fxflatten.pipeline import compress, flatten
 
 __all__ = [
     "AttentionLayout",
@@ -20,7 +22,10 @@ __all__ = [
     "MlpLayout",
     "Norm",
     "Projection",
+    "PruneConfig",
     "capture",
+    "compress",
     "discover_blocks",
+    "flatten",
     "load_model",
 ]

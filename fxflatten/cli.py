@@ -60,6 +60,12 @@ def cmd_flatten(args: argparse.Namespace) -> None:
     run_flatten(args)
 
 
+def cmd_compress(args: argparse.Namespace) -> None:
+    from fxflatten.commands import run_compress
+
+    run_compress(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxflatten", description="Depth compression of pre-norm transformers (FlattenGPT) as torch.fx graph passes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -79,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     flatten.add_argument("--dry-run", action="store_true", help="print the similarity table and the chosen groups only")
     add_data_arguments(flatten)
     flatten.set_defaults(run=cmd_flatten)
+
+    compress = commands.add_parser("compress", help="flatten the most similar blocks and prune them back: a shallower model")
+    compress.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, or 'default'")
+    compress.add_argument("--ratio", type=float, required=True, help="share of all parameters to remove, in (0, 0.9]; the achieved share is quantised by block size")
+    compress.add_argument("--out", required=True, help="output directory")
+    compress.add_argument("--force", action="store_true", help="replace --out if it exists")
+    compress.add_argument("--max-group", type=int, default=None, help="most blocks in one group (default: no limit)")
+    compress.add_argument("--width", type=float, default=1.0, help="width each group is pruned back to, in original blocks (default 1.0: a standard model)")
+    compress.add_argument("--target", choices=["serial", "widened"], default="serial", help="refit target: the original blocks' serial output (default) or the widened block's (the paper)")
+    compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
+    add_data_arguments(compress)
+    compress.set_defaults(run=cmd_compress)
     return parser
 
 

@@ -158,3 +158,17 @@ def token_windows(
             f"text has {len(ids)}; use a longer text, fewer windows or a shorter sequence length"
         )
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def calibration_windows(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike | None,
+                        n_windows: int, seq_len: int) -> torch.LongTensor:
+    """Calibration windows from a user's text file, or from the default calibration text."""
+    text = load_text(path) if path else default_text().calibration
+    return token_windows(tokenizer, text, n_windows, seq_len)
+
+
+def evaluation_windows(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike | None,
+                       n_windows: int | None, seq_len: int) -> torch.LongTensor:
+    """Held-out windows from a user's text file, or from the default evaluation text."""
+    text = load_text(path) if path else default_text().evaluation
+    return token_windows(tokenizer, text, n_windows, seq_len)

@@ -1,0 +1,139 @@
+"""What the CLI's commands do, written over the public API so the CLI itself stays a parser."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from fxflatten.capture import capture
+from fxflatten.errors import FxflattenError
+from fxflatten.evaluate import perplexity
+from fxflatten.export.program import save_program
+from fxflatten.graph import discover_blocks
+from fxflatten.load import load_model
+from fxflatten.output import atomic_dir, check_output, write_report
+from fxflatten.pipeline import flatten
+from fxflatten.report import format_table
+from fxflatten.select import select_groups
+from fxflatten.stages import Stages
+from fxflatten.text import calibration_windows, evaluation_windows
+
+log = logging.getLogger(__name__)
+
+
+def run_flatten(args: argparse.Namespace) -> None:
+    """fxflatten flatten: choose groups, flatten and widen them, report perplexity, save."""
+    if not args.dry_run and not args.out:
+        raise FxflattenError("--out DIR is required to write the widened model (or pass --dry-run)")
+    if args.out:
+        check_output(Path(args.out), args.force)
+    torch.manual_seed(args.seed)
+    stages = Stages()
+    with stages("load"):
+        model, tokenizer = load_model(args.model)
+        calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
+    with stages("capture"):
+        graph = capture(model)
+        block_map = discover_blocks(graph)
+    with stages("select"):
+        selection = select_groups(graph, calib, args.ratio, block_map, max_group=args.max_group, progress=True)
+    print(selection.table())
+    print(f"groups: {selection.groups}  (removes {selection.ratio:.3f} of parameters once pruned back; asked {args.ratio})")
+    if args.dry_run:
+        return
+    with stages("flatten"):
+        result = flatten(graph, groups=selection.groups)
+    for index, reason in result.unfused.items():
+        print(f"block {index} stays parallel: {reason}")
+    evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+    with stages("evaluate"):
+        dense = perplexity(graph, evaluation, progress=True)
+        widened = perplexity(result.graph, evaluation, progress=True)
+    widened_map = discover_blocks(result.graph)
+    report = {
+        "model": str(args.model),
+        "groups": selection.groups,
+        "adjacent_similarity": [float(selection.similarity[i, i + 1]) for i in range(selection.similarity.shape[0] - 1)],
+        "layers": {"before": len(block_map.blocks), "after": len(widened_map.blocks)},
+        "parameters": {"before": block_map.total_parameters, "after": widened_map.total_parameters},
+        "ratio_once_pruned": selection.ratio,
+        "perplexity": {"dense": dense.value, "widened": widened.value, "windows": dense.windows, "seq_len": dense.seq_len, "tokens": dense.tokens},
+        "unfused": result.unfused,
+    }
+    with stages("save"), atomic_dir(args.out, args.force) as tmp:
+        save_program(result.graph, tmp)
+        tokenizer.save_pretrained(tmp)
+        report["stages"] = stages.as_dict()
+        write_report(tmp, report)
+    print(format_table(
+        ["model", "layers", "parameters", "perplexity"],
+        [["dense", len(block_map.blocks), block_map.total_parameters, dense.value],
+         ["flattened + widened", len(widened_map.blocks), widened_map.total_parameters, widened.value]],
+    ))
+    print(f"held-out perplexity on {dense}")
+    print(stages.table())
+    print(f"wrote {args.out}")
+
+
+def run_compress(args: argparse.Namespace) -> None:
+    """fxflatten compress: select, flatten, fold, fuse, prune back, evaluate and save."""
+    from fxflatten.export.hf import check_same_logits, to_pretrained
+    from fxflatten.passes.prune import PruneConfig
+    from fxflatten.pipeline import compress
+
+    out = Path(args.out)
+    check_output(out, args.force)
+    torch.manual_seed(args.seed)
+    stages = Stages()
+    with stages("load"):
+        model, tokenizer = load_model(args.model)
+        calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
+        evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+    with stages("capture"):
+        graph = capture(model)
+        block_map = discover_blocks(graph)
+    config = PruneConfig(target=args.target, head_score=args.head_score)
+    with stages("compress"):
+        result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group, progress=True)
+    compressed_map = discover_blocks(result.graph)
+    with stages("evaluate"):
+        dense = perplexity(graph, evaluation, progress=True)
+        compressed = perplexity(result.graph, evaluation, progress=True)
+    removed = block_map.total_parameters - compressed_map.total_parameters
+    report = {
+        "model": str(args.model),
+        "groups": result.groups,
+        "layers": {"before": len(block_map.blocks), "after": len(compressed_map.blocks)},
+        "parameters": {"before": block_map.total_parameters, "after": compressed_map.total_parameters},
+        "ratio": {"asked": args.ratio, "achieved": removed / block_map.total_parameters},
+        "perplexity": {"dense": dense.value, "compressed": compressed.value, "windows": dense.windows,
+                       "seq_len": dense.seq_len, "tokens": dense.tokens},
+        "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+        "prune": {"config": vars(config), "width": args.width, "blocks": result.prune.blocks},
+        "unfused": result.unfused,
+    }
+    with stages("save"), atomic_dir(out, args.force) as tmp:
+        try:
+            pretrained = to_pretrained(result.graph, model, block_map)
+            report["hf_logit_difference"] = check_same_logits(result.graph, pretrained)
+            pretrained.save_pretrained(tmp)
+            report["format"] = "huggingface"
+        except FxflattenError as error:
+            log.warning("%s; saving a torch.export program instead", error)
+            save_program(result.graph, tmp)
+            report["format"] = "torch.export"
+        tokenizer.save_pretrained(tmp)
+        report["stages"] = stages.as_dict()
+        write_report(tmp, report)
+    print(format_table(
+        ["model", "layers", "parameters", "perplexity", "x dense"],
+        [["dense", len(block_map.blocks), block_map.total_parameters, dense.value, 1.0],
+         ["compressed", len(compressed_map.blocks), compressed_map.total_parameters, compressed.value, compressed.value / dense.value]],
+    ))
+    print(f"groups {result.groups}; removed {removed / block_map.total_parameters:.3f} of parameters (asked {args.ratio})")
+    print(f"held-out perplexity on {dense}")
+    print(stages.table())
+    print(f"wrote {out} ({report['format']})")

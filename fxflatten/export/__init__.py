@@ -1,0 +1,1 @@
+"""Writing results: ExportedProgram files (and, later, HF checkpoints and ONNX)."""

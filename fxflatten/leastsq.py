@@ -1,0 +1,75 @@
+"""The linear algebra of pruning back: scores, subset choice and ridge compensation.
+
+Everything works on accumulated second moments, never on stored activations: ``G = X^T X``
+over calibration tokens (X the inputs of an output projection: attention heads' outputs or MLP
+intermediate channels, with a trailing 1 for the bias when there is one) and ``B = X^T Y`` for
+the target output Y. Keeping the inputs S and refitting the projection by ridge least squares,
+
+    W_S^T = (G_SS + lam I)^-1 B_S,        residual = tr(Y^T Y) - tr(B_S^T (G_SS + lam I)^-1 B_S),
+
+is the paper's Lemma 3.1 (Nystrom) when Y is the full-width output (then B = G W^T), and
+absorbs the flattening error as well when Y is the original serial blocks' output.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
+    """``diag(C (C + lam I)^-1)`` with ``lam = ridge * mean eigenvalue of C``: each channel's
+    share of the well-determined directions of the activation covariance."""
+    gram = gram.double()
+    values, vectors = torch.linalg.eigh(gram)
+    values = values.clamp(min=0)
+    lam = ridge * values.mean()
+    return (vectors.pow(2) * (values / (values + lam))).sum(-1)
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """Solve ``(G + lam I) W^T = B`` with ``lam = ridge * mean(diag G)``.
+
+    If the system is too ill-conditioned for a Cholesky factorisation, lam grows tenfold until
+    it is not; the lam used is returned so callers can report it.
+    """
+    gram, cross = gram.double(), cross.double()
+    scale = gram.diagonal().mean().clamp(min=1e-12)
+    lam = ridge * scale
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(gram + lam * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(cross, factor), float(lam / scale)
+        lam = lam * 10 if lam > 0 else 1e-8 * scale
+    raise ValueError("least squares stayed singular even with a large ridge")
+
+
+def explained(gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, ridge: float) -> float:
+    """``tr(B_S^T (G_SS + lam I)^-1 B_S)``: how much of the target the inputs ``keep`` reproduce."""
+    solution, _ = ridge_solve(gram[keep][:, keep], cross[keep], ridge)
+    return float((cross[keep].double() * solution).sum())
+
+
+def group_energy(gram: torch.Tensor, weight: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
+    """Mean output energy of each input group through the projection: ``tr(W_g G_gg W_g^T)``."""
+    return torch.stack([
+        ((weight[:, g].double() @ gram[g][:, g].double()) * weight[:, g].double()).sum() for g in groups
+    ])
+
+
+def greedy_groups_by_error(gram: torch.Tensor, cross: torch.Tensor, groups: list[torch.Tensor],
+                           keep: int, ridge: float, always: torch.Tensor | None = None) -> list[int]:
+    """Choose ``keep`` groups one at a time, each time the one that best reproduces the target."""
+    chosen: list[int] = []
+    base = always if always is not None else torch.empty(0, dtype=torch.long)
+    for _ in range(keep):
+        best = max(
+            (g for g in range(len(groups)) if g not in chosen),
+            key=lambda g: explained(gram, cross, torch.cat([base, *[groups[c] for c in chosen], groups[g]]), ridge),
+        )
+        chosen.append(best)
+    return sorted(chosen)

@@ -1,0 +1,296 @@
+"""Prune blocks back to a target width from calibration statistics (FlattenGPT step 4).
+
+Block by block, on calibration activations that flowed through the blocks already pruned:
+
+- attention keeps whole KV groups (a KV head with its query heads), scored by the energy they
+  send through the output projection (the paper) or chosen greedily by how well the kept
+  groups reproduce the target output (``head_score="error"``); the output projection can be
+  refitted over the kept heads by ridge least squares;
+- the MLP keeps the channels of highest ridge leverage of its activation covariance and refits
+  the down projection on them (the paper's Nystrom compensation).
+
+The refit target is either the widened block's own output (``target="widened"``, the paper) or
+what the original, unflattened blocks compute in series on the same input
+(``target="serial"``), which also absorbs the flattening error. Keeping every head and channel
+changes nothing. Any block can be pruned, widened or not, so this is also a plain
+width-pruning pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassResult
+from tqdm.auto import tqdm
+
+from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
+from fxflatten.channels import rescale_constants
+from fxflatten.errors import FxflattenError
+from fxflatten.graph import discover_blocks, to_digraph
+from fxflatten.layout import Block, Branch, Linear, Projection
+from fxflatten.leastsq import greedy_groups_by_error, group_energy, ridge_leverage, ridge_solve
+from fxflatten.passes.base import GraphPass, editable_copy, finish
+from fxflatten.tensors import bias, set_tensor, set_weight, weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune; the defaults are the best measured on the default model (see benchmarks)."""
+
+    target: Literal["widened", "serial"] = "serial"
+    head_score: Literal["energy", "error"] = "error"
+    refit_attention: bool = True
+    refit_mlp: bool = True
+    leverage_ridge: float = 10.0  # lam = this x mean eigenvalue, for MLP channel scores
+    fit_ridge: float = 1e-3  # lam = this x mean diagonal, for the least-squares refits
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What block ``index`` of the graph is pruned to, and which original blocks it came from."""
+
+    kv_heads: int | None  # None: leave the attention as it is
+    width: int | None  # None: leave the MLP as it is
+    origin: tuple[int, ...] = ()  # reference-graph blocks it replaces, for target="serial"
+
+
+@dataclass
+class Moments:
+    """Running ``X^T X`` and ``X^T Y`` (with a trailing 1 in X when fitting a bias)."""
+
+    with_bias: bool
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        x = x.flatten(0, -2).double()
+        if self.with_bias:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+        gram = x.T @ x
+        self.gram = gram if self.gram is None else self.gram + gram
+        if y is not None:
+            cross = x.T @ y.flatten(0, -2).double()
+            self.cross = cross if self.cross is None else self.cross + cross
+        self.tokens += x.shape[0]
+
+
+@dataclass
+class PruneReport:
+    """Per block: what was kept, and any ridge that had to grow."""
+
+    blocks: dict[int, dict[str, object]] = field(default_factory=dict)
+
+
+def rows_of(projection: Projection, keep: torch.Tensor) -> torch.Tensor:
+    return projection.start + keep
+
+
+def input_node(nodes: dict[str, Node], linear: Linear) -> Node:
+    node = nodes[linear.node]
+    return node.args[1] if linear.transposed else node.args[0]
+
+
+def slice_inputs(gm: GraphModule, projections: list[Projection], keeps: list[torch.Tensor]) -> None:
+    """Keep rows ``keeps[i]`` (relative) of projection i; projections sharing a linear stay in order."""
+    by_linear: dict[Linear, list[int]] = {}
+    for index, projection in enumerate(projections):
+        by_linear.setdefault(projection.linear, []).append(index)
+    for linear, indices in by_linear.items():
+        indices.sort(key=lambda i: projections[i].start)
+        rows = torch.cat([rows_of(projections[i], keeps[i]) for i in indices])
+        set_weight(gm, linear, weight(gm, linear)[rows])
+        if linear.bias:
+            set_tensor(gm, linear.bias, bias(gm, linear)[rows])
+
+
+def refit_output(gm: GraphModule, linear: Linear, keep: torch.Tensor, moments: Moments, ridge: float,
+                 refit: bool) -> float | None:
+    """Keep input columns ``keep`` of the output linear, refitted by ridge least squares if asked."""
+    w = weight(gm, linear)
+    if not refit:
+        set_weight(gm, linear, w[:, keep])
+        return None
+    columns = torch.cat([keep, torch.tensor([w.shape[1]])]) if moments.with_bias else keep
+    solution, used = ridge_solve(moments.gram[columns][:, columns], moments.cross[columns], ridge)
+    fitted = solution.T.to(w.dtype)
+    set_weight(gm, linear, fitted[:, : len(keep)].contiguous())
+    if moments.with_bias:
+        set_tensor(gm, linear.bias, fitted[:, -1].contiguous())
+    return used
+
+
+def head_groups(layout, count: int) -> list[torch.Tensor]:
+    """Output-projection input columns of each KV group (its query heads' outputs)."""
+    per_group = layout.num_heads // layout.num_kv_heads * layout.head_dim
+    return [torch.arange(g * per_group, (g + 1) * per_group) for g in range(count)]
+
+
+class PrunePass(GraphPass):
+    """Prune each planned block to its target KV heads and MLP width, block by block."""
+
+    def __init__(self, windows: torch.Tensor, plans: list[BlockPlan], config: PruneConfig = PruneConfig(),
+                 reference: GraphModule | None = None, progress: bool = False) -> None:
+        self.windows = windows
+        self.plans = plans
+        self.config = config
+        self.reference = reference
+        self.progress = progress
+        self.report = PruneReport()
+
+    @torch.no_grad()
+    def call(self, graph_module: GraphModule) -> PassResult:
+        block_map = discover_blocks(graph_module)
+        if len(self.plans) != len(block_map.blocks):
+            raise FxflattenError(f"{len(self.plans)} block plans for a graph of {len(block_map.blocks)} blocks")
+        if self.config.target == "serial" and self.reference is None:
+            raise FxflattenError("target='serial' needs the reference (original) graph")
+        gm = editable_copy(graph_module)
+        block_map = discover_blocks(gm)
+        nodes = {node.name: node for node in gm.graph.nodes}
+        parts = segments(gm, block_map)
+        runner = SegmentRunner(gm, parts)
+        batches = batches_of(self.windows, self.config.batch_size)
+        envs = runner.start(batches)
+        runner.run(0, envs)
+        reference = Reference(self.reference, batches) if self.config.target == "serial" else None
+        boundaries = block_boundaries(gm, block_map)
+        dag = to_digraph(gm)
+        blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
+        for block, plan in zip(blocks, self.plans):
+            part = parts[block.index + 1]
+            before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
+            attention_nodes = [node for node in part.nodes if node.name in before_mlp]
+            mlp_nodes = [node for node in part.nodes if node.name not in before_mlp]
+            if reference and plan.origin and (plan.kv_heads is not None or plan.width is not None):
+                serial = reference.run(plan.origin, [env[boundaries[block.index]] for env in envs])
+            else:
+                serial = None
+            self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, serial)
+            for env in envs:
+                runner.run_nodes(attention_nodes, env, {})
+            self.prune_mlp(gm, nodes, block, plan, envs, runner, mlp_nodes, serial)
+            for env in envs:
+                runner.run_nodes(mlp_nodes, env, {})
+                runner.drop(block.index + 1, env)
+        return PassResult(finish(gm), True)
+
+    def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, serial) -> None:
+        branch = single(block.attention, "attention")
+        layout = branch.attention
+        if plan.kv_heads is None or plan.kv_heads == layout.num_kv_heads:
+            return
+        if not 0 < plan.kv_heads < layout.num_kv_heads:
+            raise FxflattenError(f"block {block.index}: cannot prune {layout.num_kv_heads} KV heads to {plan.kv_heads}")
+        config = self.config
+        moments = Moments(with_bias=layout.o.bias is not None)
+        x_node = input_node(nodes, layout.o)
+        for index, env in enumerate(envs):
+            watch = {x_node.name: lambda node, value, i=index: moments.add(value, serial_target(serial, i, "attention"))}
+            runner.run_nodes(part_nodes, env, watch)
+        w = weight(gm, layout.o)
+        if moments.cross is None:  # target: the widened branch's own output
+            full = torch.cat([w, bias(gm, layout.o)[:, None]], 1) if moments.with_bias else w
+            moments.cross = moments.gram @ full.double().T
+        groups = head_groups(layout, layout.num_kv_heads)
+        if config.head_score == "energy":
+            energy = group_energy(moments.gram, w, groups)
+            keep_groups = sorted(torch.topk(energy, plan.kv_heads).indices.tolist())
+        else:
+            always = torch.tensor([w.shape[1]]) if moments.with_bias else None
+            keep_groups = greedy_groups_by_error(moments.gram, moments.cross, groups, plan.kv_heads, config.fit_ridge, always)
+        keep_columns = torch.cat([groups[g] for g in keep_groups])
+        head_dim = layout.head_dim
+        keep_kv = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in keep_groups])
+        members = [nodes[name] for name in branch.nodes]
+        sources = {p.linear.node for p in (layout.q, layout.k, layout.v)}
+        rescale_constants(gm, members, sources, {layout.o.node}, Fraction(plan.kv_heads, layout.num_kv_heads))
+        slice_inputs(gm, [layout.q, layout.k, layout.v], [keep_columns, keep_kv, keep_kv])
+        ridge = refit_output(gm, layout.o, keep_columns, moments, config.fit_ridge, config.refit_attention)
+        self.report.blocks.setdefault(block.index, {}).update(kv_groups_kept=keep_groups, attention_ridge=ridge)
+
+    def prune_mlp(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, serial) -> None:
+        branch = single(block.mlp, "MLP")
+        layout = branch.mlp
+        if plan.width is None or plan.width == layout.width:
+            return
+        if not 0 < plan.width < layout.width:
+            raise FxflattenError(f"block {block.index}: cannot prune an MLP of width {layout.width} to {plan.width}")
+        config = self.config
+        moments = Moments(with_bias=layout.down.bias is not None)
+        x_node = input_node(nodes, layout.down)
+        stream_in = branch.stream_in
+        for index, env in enumerate(envs):
+            def observe(node, value, i=index, env=env):
+                target = serial_target(serial, i, "output")
+                moments.add(value, None if target is None else target - env[stream_in])
+            runner.run_nodes(part_nodes, env, {x_node.name: observe})
+        w = weight(gm, layout.down)
+        if moments.cross is None:
+            full = torch.cat([w, bias(gm, layout.down)[:, None]], 1) if moments.with_bias else w
+            moments.cross = moments.gram @ full.double().T
+        channels = layout.width
+        leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
+        keep = torch.topk(leverage, plan.width).indices.sort().values
+        members = [nodes[name] for name in branch.nodes]
+        projections = [p for p in (layout.gate, layout.up) if p is not None]
+        rescale_constants(gm, members, {p.linear.node for p in projections}, {layout.down.node}, Fraction(plan.width, channels))
+        slice_inputs(gm, projections, [keep] * len(projections))
+        ridge = refit_output(gm, layout.down, keep, moments, config.fit_ridge, config.refit_mlp)
+        self.report.blocks.setdefault(block.index, {}).update(mlp_channels_kept=int(plan.width), mlp_ridge=ridge)
+
+
+def single(stage: tuple[Branch, ...], what: str) -> Branch:
+    if len(stage) != 1:
+        raise FxflattenError(f"a block still has {len(stage)} parallel {what} branches: fuse before pruning")
+    return stage[0]
+
+
+def serial_target(serial: list[dict[str, torch.Tensor]] | None, index: int, key: str) -> torch.Tensor | None:
+    return None if serial is None else serial[index][key]
+
+
+class Reference:
+    """The original graph, run on the compressed stream to give serial targets.
+
+    For a block that replaces original blocks a..b, the original blocks a..b run in series on
+    the input the compressed block receives; the sum of their attention outputs and the stream
+    they leave are the targets. It keeps its own per-batch environments with the side inputs
+    (masks, rotary tables) its prologue computed.
+    """
+
+    def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.map = discover_blocks(graph)
+        self.parts = segments(graph, self.map)
+        self.runner = SegmentRunner(graph, self.parts)
+        self.boundaries = block_boundaries(graph, self.map)
+        self.envs = self.runner.start(batches)
+        self.runner.run(0, self.envs)
+        self.side = [set(env) for env in self.envs]
+
+    def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Run original blocks ``origin`` in series on each batch's stream ``inputs``."""
+        results = []
+        for stream, ref_env, side in zip(inputs, self.envs, self.side):
+            ref_env[self.boundaries[origin[0]]] = stream
+            attention = []
+            watch = {}
+            for index in origin:
+                for branch in self.map.blocks[index].attention:
+                    watch[branch.output] = lambda node, value: attention.append(value)
+            for index in origin:
+                self.runner.run_nodes(self.parts[index + 1].nodes, ref_env, watch)
+            results.append({"attention": sum(attention), "output": ref_env[self.boundaries[origin[-1] + 1]]})
+            for name in list(ref_env):
+                if name not in side:
+                    del ref_env[name]
+        return results

@@ -1,0 +1,130 @@
+"""PrunePass and compress(): exact when keeping everything, shapes right when pruning, HF output."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fxflatten import FxflattenError, capture, discover_blocks
+from fxflatten.cli import main
+from fxflatten.export.hf import check_same_logits, to_pretrained
+from fxflatten.leastsq import ridge_leverage, ridge_solve
+from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass
+from fxflatten.pipeline import compress, flatten, units_of
+from fxflatten.report import block_rows
+from tests.models import Shape, build
+
+CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
+
+
+def logits(graph):
+    return graph(IDS, torch.ones_like(IDS))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "qwen2"])
+def test_pruning_that_keeps_everything_is_exact(family):
+    flat = flatten(capture(build(family, Shape(layers=3))), groups=[[0, 1]])
+    layout = discover_blocks(flat.graph).blocks[0]
+    attention, mlp = layout.attention[0].attention, layout.mlp[0].mlp
+    plans = [BlockPlan(attention.num_kv_heads, mlp.width, (0, 1)), BlockPlan(None, None, (2,))]
+    result = PrunePass(CALIB, plans, PruneConfig(target="widened"))(flat.graph)
+    torch.testing.assert_close(logits(result.graph_module), logits(flat.graph), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "qwen2", "handwritten"])
+@pytest.mark.parametrize("target", ["serial", "widened"])
+def test_compress_prunes_each_group_back_to_one_block(family, target):
+    shape = Shape(layers=4)
+    graph = capture(build(family, shape))
+    result = compress(graph, calib=CALIB, groups=[[1, 2]], config=PruneConfig(target=target))
+    before, after = block_rows(discover_blocks(graph)), block_rows(discover_blocks(result.graph))
+    assert len(after) == 3
+    assert {(r["heads"], r["kv_heads"], r["mlp_width"]) for r in after} == {(r["heads"], r["kv_heads"], r["mlp_width"]) for r in before}
+    assert torch.isfinite(logits(result.graph)).all()
+    # Blocks outside the group are untouched: block 0 feeds the first stream value identically.
+    assert result.plans[0] == BlockPlan(None, None, (0,))
+
+
+def test_width_pruning_a_plain_block_narrows_it():
+    graph = capture(build("llama", Shape(layers=2, heads=4, kv_heads=2, width=48)))
+    plans = [BlockPlan(1, 24, ()), BlockPlan(None, None, ())]
+    pruned = PrunePass(CALIB, plans, PruneConfig(target="widened"))(graph).graph_module
+    row = block_rows(discover_blocks(pruned))[0]
+    assert (row["heads"], row["kv_heads"], row["mlp_width"]) == (2, 1, 24)
+    assert torch.isfinite(logits(pruned)).all()
+
+
+def test_serial_target_needs_the_reference_graph():
+    flat = flatten(capture(build("llama")), groups=[[0, 1]])
+    with pytest.raises(FxflattenError, match="reference"):
+        PrunePass(CALIB, [BlockPlan(2, 48, (0, 1))], PruneConfig(target="serial"))(flat.graph)
+
+
+def test_serial_refit_reproduces_the_serial_blocks_better_than_the_widened_target():
+    graph = capture(build("llama", Shape(layers=4)))
+    calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+    errors = {}
+    for target in ("serial", "widened"):
+        result = compress(graph, calib=calib, groups=[[1, 2]], config=PruneConfig(target=target))
+        errors[target] = float((result.graph(calib, torch.ones_like(calib)) - graph(calib, torch.ones_like(calib))).pow(2).mean())
+    assert errors["serial"] < errors["widened"]
+
+
+def test_units_keep_block_order():
+    assert units_of([[1, 2], [4, 5, 6]], 8) == [(0,), (1, 2), (3,), (4, 5, 6), (7,)]
+
+
+def test_ridge_leverage_ranks_a_dominant_channel_first():
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
+    x[:, 3] *= 20
+    assert int(ridge_leverage(x.T @ x).argmax()) == 3
+
+
+def test_ridge_solve_recovers_a_linear_map_and_grows_the_ridge_when_singular():
+    x = torch.randn(400, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solution, ridge = ridge_solve(x.T @ x, x.T @ (x @ w), 1e-9)
+    torch.testing.assert_close(solution, w, rtol=1e-4, atol=1e-4)
+    singular = torch.zeros(4, 4, dtype=torch.float64)
+    singular[0, 0] = 1.0
+    _, grown = ridge_solve(singular, torch.ones(4, 1, dtype=torch.float64), 0.0)
+    assert grown > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "mistral"])
+def test_compressed_model_is_written_as_a_standard_checkpoint(family, tmp_path):
+    model = build(family, Shape(layers=4))
+    graph = capture(model)
+    result = compress(graph, calib=CALIB, groups=[[1, 2]])
+    pretrained = to_pretrained(result.graph, model, discover_blocks(graph))
+    assert check_same_logits(result.graph, pretrained) < 1e-5
+    pretrained.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_hidden_layers == 3
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS, use_cache=False).logits, logits(result.graph), rtol=1e-5, atol=1e-5)
+
+
+def test_a_wider_result_is_refused_as_a_checkpoint():
+    model = build("llama", Shape(layers=4))
+    graph = capture(model)
+    result = compress(graph, calib=CALIB, groups=[[1, 2]], width=1.5)
+    with pytest.raises(FxflattenError, match="wider or narrower"):
+        to_pretrained(result.graph, model, discover_blocks(graph))
+
+
+def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    source = {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()}
+    args = ["compress", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(out), "--calib", str(tiny_llama_dir / "config.json"),
+            "--samples", "4", "--seq-len", "32", "--eval-text", str(tiny_llama_dir / "config.json"), "--eval-windows", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "huggingface" and report["layers"]["after"] < report["layers"]["before"]
+    assert 0 < report["ratio"]["achieved"] <= 0.3
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == report["layers"]["after"]
+    assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()} == source
+    assert main(args) == 2  # the output exists: refused without --force
+    assert "already exists" in capsys.readouterr().err
