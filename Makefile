@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/fxflatten inspect default
+	$(VENV)/bin/fxflatten compress default --ratio 0.2 --out out/smollm2-flattened --force
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -103,12 +103,24 @@ class SegmentRunner:
             del env[name]
 
     def run_nodes(self, nodes: list[Node], env: dict[str, object], watch: dict[str, Observer]) -> None:
+        """Run ``nodes`` in order, freeing each value they produce once nothing else reads it.
+
+        A value read only by later nodes of the same list is dropped after its last reader,
+        so one batch's intermediates, not every batch's, are alive at a time; values read
+        outside the list (the stream, later blocks) stay.
+        """
         def value(arg: Node) -> object:
             if arg.op == "get_attr":
                 return get_tensor(self.gm, arg.target)
             return env[arg.name]
 
+        members = {node.name for node in nodes}
+        freed_after: dict[int, list[str]] = {}
         for node in nodes:
+            if all(user.name in members for user in node.users) and node.users:
+                last = max(i for i, other in enumerate(nodes) if node in other.all_input_nodes)
+                freed_after.setdefault(last, []).append(node.name)
+        for position, node in enumerate(nodes):
             if node.op == "placeholder":
                 continue
             args = map_arg(node.args, value)
@@ -116,6 +128,8 @@ class SegmentRunner:
             env[node.name] = node.target(*args, **kwargs)
             if node.name in watch:
                 watch[node.name](node, env[node.name])
+            for name in freed_after.get(position, ()):
+                env.pop(name, None)
 
     def outputs(self, envs: list[dict[str, object]]) -> Iterator[object]:
         """The graph's output for each batch, once the epilogue has run."""

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from fxflatten.errors import FxflattenError
@@ -104,6 +105,7 @@ def quiet_libraries() -> None:
     """Keep transformers' warnings and weight-loading bars out of the user's terminal."""
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

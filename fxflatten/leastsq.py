@@ -22,12 +22,15 @@ log = logging.getLogger(__name__)
 
 def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
     """``diag(C (C + lam I)^-1)`` with ``lam = ridge * mean eigenvalue of C``: each channel's
-    share of the well-determined directions of the activation covariance."""
+    share of the well-determined directions of the activation covariance.
+
+    Computed as ``1 - lam diag((C + lam I)^-1)`` from one Cholesky factorisation (the mean
+    eigenvalue is the trace over n), several times faster than an eigendecomposition.
+    """
     gram = gram.double()
-    values, vectors = torch.linalg.eigh(gram)
-    values = values.clamp(min=0)
-    lam = ridge * values.mean()
-    return (vectors.pow(2) * (values / (values + lam))).sum(-1)
+    lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    factor = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+    return 1 - lam * torch.cholesky_inverse(factor).diagonal()
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:

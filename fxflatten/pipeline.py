@@ -17,6 +17,7 @@ from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
 from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass, PruneReport
 from fxflatten.graph import discover_blocks
+from fxflatten.layout import BlockMap
 from fxflatten.select import Selection, select_groups
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,21 @@ def units_of(groups: list[list[int]], num_blocks: int) -> list[tuple[int, ...]]:
     return units
 
 
+def plan_blocks(dense_map: BlockMap, groups: list[list[int]], width: float = 1.0) -> list[BlockPlan]:
+    """One plan per compressed block: groups pruned back to ``width`` x one original block."""
+    plans = []
+    for unit in units_of(groups, len(dense_map.blocks)):
+        first = dense_map.blocks[unit[0]]
+        if len(unit) == 1:
+            plans.append(BlockPlan(None, None, unit))
+            continue
+        attention, mlp = first.attention[0].attention, first.mlp[0].mlp
+        kv_heads = max(1, round(width * attention.num_kv_heads)) if attention else None
+        channels = max(1, round(width * mlp.width)) if mlp else None
+        plans.append(BlockPlan(kv_heads, channels, unit))
+    return plans
+
+
 def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None, calib: torch.Tensor | None = None, *,
              groups: list[list[int]] | None = None, config: PruneConfig = PruneConfig(), width: float = 1.0,
              max_group: int | None = None, progress: bool = False) -> CompressResult:
@@ -94,16 +110,7 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
     flat = flatten(dense, groups=groups, ratio=ratio, calib=calib, max_group=max_group, progress=progress)
-    plans = []
-    for unit in units_of(flat.groups, len(dense_map.blocks)):
-        first = dense_map.blocks[unit[0]]
-        if len(unit) == 1:
-            plans.append(BlockPlan(None, None, unit))
-            continue
-        attention, mlp = first.attention[0].attention, first.mlp[0].mlp
-        kv_heads = max(1, round(width * attention.num_kv_heads)) if attention else None
-        channels = max(1, round(width * mlp.width)) if mlp else None
-        plans.append(BlockPlan(kv_heads, channels, unit))
+    plans = plan_blocks(dense_map, flat.groups, width)
     prune = PrunePass(calib, plans, config, reference=dense, progress=progress)
     graph = prune(flat.graph).graph_module
     return CompressResult(graph, flat.groups, flat.selection, plans, prune.report, flat.unfused)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
@@ -55,3 +56,34 @@ def test_inspect_default_model(default_model, capsys):
     assert report["num_blocks"] == 30 and report["hidden_size"] == 576
     assert {(b["heads"], b["kv_heads"], b["head_dim"], b["mlp_width"], b["norm"]) for b in report["blocks"]} == {(9, 3, 64, 1536, "rms")}
     assert all(b["fusable"] for b in report["blocks"])
+
+
+def test_flatten_dry_run_prints_similarities_and_groups(tiny_llama_dir, capsys):
+    args = ["flatten", str(tiny_llama_dir), "--ratio", "0.3", "--dry-run", "--calib", str(tiny_llama_dir / "config.json"),
+            "--samples", "4", "--seq-len", "32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cos(in, next in)" in out and "groups: [[0, 1]]" in out
+
+
+def test_flatten_writes_a_widened_program_with_its_perplexity(tiny_llama_dir, tmp_path):
+    from fxflatten.export.program import load_program
+
+    out = tmp_path / "widened"
+    text = str(tiny_llama_dir / "config.json")
+    args = ["flatten", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(out), "--calib", text, "--samples", "4",
+            "--seq-len", "32", "--eval-text", text, "--eval-windows", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers"] == {"before": 2, "after": 1} and report["parameters"]["after"] < report["parameters"]["before"]
+    assert report["perplexity"]["widened"] > 0
+    graph = load_program(out)
+    ids = torch.randint(0, 257, (2, 9))
+    assert graph(ids, torch.ones_like(ids)).shape == (2, 9, 257)
+
+
+def test_too_small_a_ratio_is_a_one_line_error(tiny_llama_dir, capsys):
+    args = ["flatten", str(tiny_llama_dir), "--ratio", "0.01", "--dry-run", "--calib", str(tiny_llama_dir / "config.json"),
+            "--samples", "4", "--seq-len", "32"]
+    assert main(args) == 2
+    assert "too small to remove one block" in capsys.readouterr().err

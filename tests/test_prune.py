@@ -128,3 +128,28 @@ def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_pat
     assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()} == source
     assert main(args) == 2  # the output exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compress_default_model_end_to_end(default_model, tmp_path):
+    """The real model: a standard checkpoint with fewer layers whose logits match the graph."""
+    model, tokenizer = default_model
+    from fxflatten.text import calibration_windows
+
+    calib = calibration_windows(tokenizer, None, 8, 128)
+    graph = capture(model)
+    dense_map = discover_blocks(graph)
+    result = compress(graph, ratio=0.1, calib=calib)
+    compressed_map = discover_blocks(result.graph)
+    assert len(compressed_map.blocks) == 30 - sum(len(g) - 1 for g in result.groups) < 30
+    assert 0.05 < 1 - compressed_map.total_parameters / dense_map.total_parameters <= 0.1
+    pretrained = to_pretrained(result.graph, model, dense_map)
+    assert check_same_logits(result.graph, pretrained) < 1e-4
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), load_source_again(model)))
+
+
+def load_source_again(model):
+    """The default model as loaded fresh, to check compress left the shared one untouched."""
+    from fxflatten.load import load_model
+
+    return load_model("default")[0].parameters()

@@ -73,13 +73,14 @@ class Moments:
     tokens: int = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        x = x.flatten(0, -2).double()
+        # One batch's products in float32 (fast), summed over batches in float64 (accurate).
+        x = x.flatten(0, -2).float()
         if self.with_bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        gram = x.T @ x
+        gram = (x.T @ x).double()
         self.gram = gram if self.gram is None else self.gram + gram
         if y is not None:
-            cross = x.T @ y.flatten(0, -2).double()
+            cross = (x.T @ y.flatten(0, -2).float()).double()
             self.cross = cross if self.cross is None else self.cross + cross
         self.tokens += x.shape[0]
 

@@ -1,0 +1,102 @@
+"""Ablation of the prune-back step on the default model, against block removal (ShortGPT).
+
+One run: the groups are chosen once (cosine greedy, as the paper), flattened and widened once,
+then pruned back to one block's width under each configuration; ShortGPT removes the same
+number of blocks, chosen by Block Influence (1 - cos of a block's input and output) on the
+same calibration windows. Held-out perplexity on the default evaluation text.
+
+    python -m benchmarks.prune_ablation [--samples 64] [--ratio 0.2]
+
+Writes benchmarks/results/prune_ablation.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fxflatten import PruneConfig, capture, discover_blocks, load_model
+from fxflatten.evaluate import perplexity
+from fxflatten.passes.prune import PrunePass
+from fxflatten.passes.remove import RemoveBlocksPass
+from fxflatten.pipeline import flatten, plan_blocks
+from fxflatten.report import format_table
+from fxflatten.select import select_groups
+from fxflatten.text import calibration_windows, evaluation_windows
+
+RESULTS = Path(__file__).parent / "results"
+
+CONFIGS = {
+    "paper: widened target, energy heads, refit down only": PruneConfig(target="widened", head_score="energy", refit_attention=False),
+    "widened target, energy heads, refit o_proj + down": PruneConfig(target="widened", head_score="energy"),
+    "serial target, energy heads, refit down only": PruneConfig(target="serial", head_score="energy", refit_attention=False),
+    "serial target, energy heads, refit o_proj + down": PruneConfig(target="serial", head_score="energy"),
+    "serial target, error-greedy heads, refit down only": PruneConfig(target="serial", head_score="error", refit_attention=False),
+    "serial target, error-greedy heads, refit o_proj + down (default)": PruneConfig(target="serial", head_score="error"),
+}
+
+
+def shortgpt_blocks(similarity: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` blocks with the lowest Block Influence, 1 - cos(input, output)."""
+    influence = [1 - float(similarity[i, i + 1]) for i in range(similarity.shape[0] - 1)]
+    return sorted(sorted(range(len(influence)), key=influence.__getitem__)[:count])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--widths", type=float, nargs="*", default=[1.25, 1.5])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_model("default")
+    calib = calibration_windows(tokenizer, None, args.samples, args.seq_len)
+    evaluation = evaluation_windows(tokenizer, None, None, args.seq_len)
+    dense = capture(model)
+    dense_map = discover_blocks(dense)
+    total = dense_map.total_parameters
+    rows = []
+
+    def record(method: str, graph, seconds: float | None = None) -> None:
+        params = discover_blocks(graph).total_parameters
+        value = perplexity(graph, evaluation).value
+        rows.append({"method": method, "layers": len(discover_blocks(graph).blocks), "parameters": params,
+                     "ratio": 1 - params / total, "perplexity": value, "seconds": seconds})
+        print(rows[-1], flush=True)
+
+    record("dense", dense)
+    selection = select_groups(dense, calib, args.ratio, dense_map)
+    removed = sum(len(group) - 1 for group in selection.groups)
+    record(f"ShortGPT: remove {removed} blocks by Block Influence", RemoveBlocksPass(shortgpt_blocks(selection.similarity, removed))(dense).graph_module)
+    flat = flatten(dense, groups=selection.groups)
+    record("flatten + widen only (no pruning)", flat.graph)
+    plans = plan_blocks(dense_map, selection.groups)
+    for name, config in CONFIGS.items():
+        start = time.perf_counter()
+        pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
+        record(name, pruned, time.perf_counter() - start)
+    for width in args.widths:
+        start = time.perf_counter()
+        pruned = PrunePass(calib, plan_blocks(dense_map, selection.groups, width), PruneConfig(), reference=dense)(flat.graph).graph_module
+        record(f"default, groups pruned to width {width}", pruned, time.perf_counter() - start)
+    base = rows[0]["perplexity"]
+    table = format_table(
+        ["method", "layers", "parameters", "removed", "perplexity", "x dense"],
+        [[r["method"], r["layers"], r["parameters"], f"{r['ratio']:.3f}", r["perplexity"], f"{r['perplexity'] / base:.3f}"] for r in rows],
+    )
+    header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}: groups {selection.groups}. "
+              f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {evaluation.shape[0]} x {args.seq_len} "
+              f"tokens of the default evaluation text. Regenerate: python -m benchmarks.prune_ablation\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "prune_ablation.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
+    (RESULTS / "prune_ablation.json").write_text(json.dumps({"args": vars(args), "groups": selection.groups, "rows": rows}, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
