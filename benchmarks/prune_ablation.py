@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--widths", type=float, nargs="*", default=[1.25, 1.5])
+    parser.add_argument("--select", choices=["cosine", "error"], default="cosine", help="how the groups are chosen")
+    parser.add_argument("--only-default", action="store_true", help="run the default prune configuration only")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model("default")
@@ -70,13 +72,14 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     record("dense", dense)
-    selection = select_groups(dense, calib, args.ratio, dense_map)
+    selection = select_groups(dense, calib, args.ratio, dense_map, by=args.select)
     removed = sum(len(group) - 1 for group in selection.groups)
     record(f"ShortGPT: remove {removed} blocks by Block Influence", RemoveBlocksPass(shortgpt_blocks(selection.similarity, removed))(dense).graph_module)
     flat = flatten(dense, groups=selection.groups)
     record("flatten + widen only (no pruning)", flat.graph)
     plans = plan_blocks(dense_map, selection.groups)
-    for name, config in CONFIGS.items():
+    configs = {name: c for name, c in CONFIGS.items() if "(default)" in name} if args.only_default else CONFIGS
+    for name, config in configs.items():
         start = time.perf_counter()
         pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
         record(name, pruned, time.perf_counter() - start)
@@ -89,12 +92,13 @@ def main() -> None:
         ["method", "layers", "parameters", "removed", "perplexity", "x dense"],
         [[r["method"], r["layers"], r["parameters"], f"{r['ratio']:.3f}", r["perplexity"], f"{r['perplexity'] / base:.3f}"] for r in rows],
     )
-    header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}: groups {selection.groups}. "
+    header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}, groups chosen by {args.select}: {selection.groups}. "
               f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {evaluation.shape[0]} x {args.seq_len} "
-              f"tokens of the default evaluation text. Regenerate: python -m benchmarks.prune_ablation\n")
+              f"tokens of the default evaluation text. Regenerate: python -m benchmarks.prune_ablation --select {args.select}\n")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prune_ablation.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
-    (RESULTS / "prune_ablation.json").write_text(json.dumps({"args": vars(args), "groups": selection.groups, "rows": rows}, indent=2))
+    stem = "prune_ablation" if args.select == "cosine" else f"prune_ablation_select_{args.select}"
+    (RESULTS / f"{stem}.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "groups": selection.groups, "rows": rows}, indent=2))
     print(table)
 
 

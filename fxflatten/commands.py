@@ -97,7 +97,7 @@ def run_compress(args: argparse.Namespace) -> None:
         block_map = discover_blocks(graph)
     config = PruneConfig(target=args.target, head_score=args.head_score)
     with stages("compress"):
-        result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group, progress=True)
+        result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group, select=args.select, progress=True)
     compressed_map = discover_blocks(result.graph)
     with stages("evaluate"):
         dense = perplexity(graph, evaluation, progress=True)
@@ -112,6 +112,7 @@ def run_compress(args: argparse.Namespace) -> None:
         "perplexity": {"dense": dense.value, "compressed": compressed.value, "windows": dense.windows,
                        "seq_len": dense.seq_len, "tokens": dense.tokens},
         "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+        "select": args.select,
         "prune": {"config": vars(config), "width": args.width, "blocks": result.prune.blocks},
         "unfused": result.unfused,
     }

@@ -39,7 +39,7 @@ def as_graph(model_or_graph: nn.Module | GraphModule) -> GraphModule:
 
 def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | None = None,
             ratio: float | None = None, calib: torch.Tensor | None = None, *,
-            max_group: int | None = None, progress: bool = False) -> FlattenResult:
+            max_group: int | None = None, select: str = "cosine", progress: bool = False) -> FlattenResult:
     """Flatten groups of adjacent blocks into parallel form, fold their norms and widen them.
 
     Give ``groups`` (lists of adjacent block indices) or ``ratio`` and ``calib`` (token windows,
@@ -51,7 +51,7 @@ def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | N
     if groups is None:
         if ratio is None or calib is None:
             raise FxflattenError("give either groups, or a ratio and calibration windows to choose them")
-        selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress)
+        selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress, by=select)
         groups = selection.groups
     fuse = FusePass()
     result = PassManager(passes=[FlattenPass(groups), FoldNormsPass(parallel_only=True), fuse])(graph)
@@ -99,7 +99,7 @@ def plan_blocks(dense_map: BlockMap, groups: list[list[int]], width: float = 1.0
 
 def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None, calib: torch.Tensor | None = None, *,
              groups: list[list[int]] | None = None, config: PruneConfig = PruneConfig(), width: float = 1.0,
-             max_group: int | None = None, progress: bool = False) -> CompressResult:
+             max_group: int | None = None, select: str = "cosine", progress: bool = False) -> CompressResult:
     """Select groups, flatten, fold, fuse, and prune each group back to ``width`` x one block.
 
     ``width=1.0`` gives a standard model with fewer layers (the paper). Calibration windows
@@ -109,7 +109,7 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
         raise FxflattenError("compress needs calibration windows")
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
-    flat = flatten(dense, groups=groups, ratio=ratio, calib=calib, max_group=max_group, progress=progress)
+    flat = flatten(dense, groups=groups, ratio=ratio, calib=calib, max_group=max_group, select=select, progress=progress)
     plans = plan_blocks(dense_map, flat.groups, width)
     prune = PrunePass(calib, plans, config, reference=dense, progress=progress)
     graph = prune(flat.graph).graph_module

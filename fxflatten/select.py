@@ -80,6 +80,58 @@ def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMa
     return torch.einsum("itd,jtd->ij", stacked, stacked) / stacked.shape[1]
 
 
+@torch.no_grad()
+def parallel_error(gm: GraphModule, windows: torch.Tensor, block_map: BlockMap | None = None,
+                   batch_size: int = 4, progress: bool = False) -> torch.Tensor:
+    """Measured error of flattening each adjacent pair, on the dense model's own inputs.
+
+    Entry i is ``|y_par - y_ser|^2 / |y_ser - x|^2`` summed over calibration tokens: x the stream
+    entering block i in the dense model, y_ser the stream leaving block i+1, y_par what the
+    parallel form of blocks i, i+1 makes of x. Two flattened graphs (pairs starting at even and
+    at odd blocks) give every pair; each of their units is fed the dense stream, so the errors
+    do not depend on one another.
+    """
+    from fxflatten.passes.flatten import FlattenPass
+
+    block_map = block_map or discover_blocks(gm)
+    count = len(block_map.blocks)
+    batches = batches_of(windows, batch_size)
+    dense_parts = segments(gm, block_map)
+    dense = SegmentRunner(gm, dense_parts)
+    dense_envs = dense.start(batches)
+    boundaries = block_boundaries(gm, block_map)
+    streams = []  # streams[k][b]: dense stream entering block k, batch b
+    for index in range(len(dense_parts) - 1):
+        dense.run(index, dense_envs)
+        streams.append([env[boundaries[index]] for env in dense_envs])
+    errors = torch.full((count - 1,), float("inf"))
+    for parity in tqdm((0, 1), desc="pair errors", disable=not progress, leave=False):
+        pairs = [[i, i + 1] for i in range(parity, count - 1, 2)]
+        flat = FlattenPass(pairs)(gm).graph_module
+        flat_map = discover_blocks(flat)
+        parts = segments(flat, flat_map)
+        runner = SegmentRunner(flat, parts)
+        envs = runner.start(batches)
+        runner.run(0, envs)
+        flat_boundaries = block_boundaries(flat, flat_map)
+        first = 0
+        for unit, block in enumerate(flat_map.blocks):
+            size = block.parallel
+            residual = change = 0.0
+            for b, env in enumerate(envs):
+                env[flat_boundaries[unit]] = streams[first][b]
+                runner.run_nodes(parts[unit + 1].nodes, env, {})
+                out = env[flat_boundaries[unit + 1]]
+                target = streams[first + size][b]
+                residual += float((out - target).double().pow(2).sum())
+                change += float((target - streams[first][b]).double().pow(2).sum())
+                runner.drop(unit + 1, env)
+            if size == 2:
+                errors[first] = residual / change
+            first += size
+    return errors
+
+
 def greedy_groups(similarity: torch.Tensor, block_parameters: list[int], total_parameters: int,
                   ratio: float, max_group: int | None = None) -> tuple[list[list[int]], int]:
     """Merge the most similar adjacent units until ``ratio`` of all parameters would be removed.
@@ -109,14 +161,28 @@ def greedy_groups(similarity: torch.Tensor, block_parameters: list[int], total_p
 
 
 def select_groups(gm: GraphModule, windows: torch.Tensor, ratio: float, block_map: BlockMap | None = None,
-                  max_group: int | None = None, batch_size: int = 4, progress: bool = False) -> Selection:
-    """Measure layer similarities on ``windows`` and choose groups removing ``ratio`` of parameters."""
+                  max_group: int | None = None, batch_size: int = 4, progress: bool = False,
+                  by: str = "cosine") -> Selection:
+    """Choose groups removing ``ratio`` of parameters, measured on calibration ``windows``.
+
+    ``by="cosine"`` (the paper) merges by hidden-state similarity; ``by="error"`` flattens
+    pairs only, the ones whose parallel form deviates least from the serial blocks
+    (:func:`parallel_error`).
+    """
     if not 0 < ratio <= 0.9:
         raise FxflattenError(f"--ratio must be in (0, 0.9], got {ratio}")
     block_map = block_map or discover_blocks(gm)
     similarity = hidden_similarity(gm, windows, block_map, batch_size=batch_size, progress=progress)
     block_parameters = [block.parameters for block in block_map.blocks]
-    groups, removed = greedy_groups(similarity, block_parameters, block_map.total_parameters, ratio, max_group)
+    scores = similarity
+    if by == "error":
+        errors = parallel_error(gm, windows, block_map, batch_size, progress)
+        scores = torch.full_like(similarity, -float("inf"))
+        scores[torch.arange(len(errors)), torch.arange(1, len(errors) + 1)] = -errors
+        max_group = 2
+    elif by != "cosine":
+        raise FxflattenError(f"unknown selection {by!r}; use 'cosine' or 'error'")
+    groups, removed = greedy_groups(scores, block_parameters, block_map.total_parameters, ratio, max_group)
     if not groups:
         smallest = min(block_parameters) / block_map.total_parameters
         raise FxflattenError(f"--ratio {ratio} is too small to remove one block; the smallest block is {smallest:.3f} of the model")

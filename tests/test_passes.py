@@ -448,3 +448,20 @@ def test_greedy_groups_respects_max_group():
     assert greedy_groups(sim, BLOCKS, 1000, ratio=0.3, max_group=3) == ([[0, 1], [3, 4, 5]], 300)
     # With pairs only, nothing is left to merge after [0, 1] and [3, 4]: it stops short of the ratio.
     assert greedy_groups(sim, BLOCKS, 1000, ratio=0.3, max_group=2) == ([[0, 1], [3, 4]], 200)
+
+
+def test_parallel_error_of_a_pair_is_its_measured_deviation_from_the_serial_blocks():
+    from fxflatten.select import parallel_error
+
+    model = build("handwritten", Shape(layers=3))
+    windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+    errors = parallel_error(capture(model), windows, batch_size=2)
+    with torch.no_grad():
+        x = model.embed(windows)
+        a, b = model.stack[0], model.stack[1]
+        serial = b(a(x))
+        h = x + a.attn(a.n1(x)) + b.attn(b.n1(x))
+        parallel = h + a.fc_out(F.gelu(a.fc_in(a.n2(h)))) + b.fc_out(F.gelu(b.fc_in(b.n2(h))))
+        expected = (parallel - serial).double().pow(2).sum() / (serial - x).double().pow(2).sum()
+    assert errors.shape == (2,)
+    torch.testing.assert_close(errors[0].double(), expected, rtol=1e-4, atol=1e-7)

@@ -1,0 +1,83 @@
+"""Time and peak memory of compressing the default model, next to two plain forward passes.
+
+Measured side by side in one process on the same calibration windows, so the ratio holds on a
+noisy machine: `compress` (select, flatten, fold, fuse, prune) against two forward passes of
+the captured dense graph over the same windows, and the peak RSS of each against the float32
+weights plus one layer's calibration activations.
+
+    python -m benchmarks.compress_cost [--samples 128] [--seq-len 512] [--repeats 1]
+
+Writes benchmarks/results/compress_cost.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from fxflatten import capture, compress, discover_blocks, load_model
+from fxflatten.report import format_table
+from fxflatten.stages import Stages
+from fxflatten.text import calibration_windows
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_model("default")
+    calib = calibration_windows(tokenizer, None, args.samples, args.seq_len)
+    graph = capture(model)
+    block_map = discover_blocks(graph)
+    forward, compressing = [], []
+    stages = Stages()
+    for repeat in range(args.repeats):
+        with torch.no_grad(), stages(f"two forward passes #{repeat}"):
+            for _ in range(2):
+                for chunk in calib.split(4):
+                    graph(chunk, torch.ones_like(chunk))
+        forward.append(stages.done[-1])
+        with stages(f"compress #{repeat}"):
+            compress(graph, args.ratio, calib)
+        compressing.append(stages.done[-1])
+    weights_mib = sum(p.numel() * p.element_size() for p in graph.parameters()) / 2**20
+    layer_mib = calib.numel() * block_map.hidden_size * 4 / 2**20
+    two = statistics.median(s.seconds for s in forward)
+    comp = statistics.median(s.seconds for s in compressing)
+    peak = max(s.peak_rss_mib for s in compressing)
+    summary = {
+        "windows": args.samples, "seq_len": args.seq_len, "ratio": args.ratio, "repeats": args.repeats,
+        "two_forward_seconds_median": two, "compress_seconds_median": comp, "compress_over_two_forward": comp / two,
+        "compress_peak_rss_mib": peak, "float32_weights_mib": weights_mib, "one_layer_activations_mib": layer_mib,
+        "peak_over_weights_plus_layer": peak / (weights_mib + layer_mib),
+        "stages": stages.as_dict(),
+    }
+    table = format_table(["measure", "value"], [
+        ["two forward passes, s (median)", two],
+        ["compress, s (median)", comp],
+        ["compress / two forward passes", comp / two],
+        ["compress peak RSS, MiB (whole process)", peak],
+        ["float32 weights, MiB", weights_mib],
+        ["one layer's calibration activations, MiB", layer_mib],
+        ["peak / (2 x weights + one layer)", peak / (2 * weights_mib + layer_mib)],
+    ])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compress_cost.md").write_text(
+        f"# Cost of compress on the default model\n\n{args.samples} windows x {args.seq_len} tokens, --ratio {args.ratio}, "
+        f"{args.repeats} repeat(s), measured side by side in one process. Regenerate: python -m benchmarks.compress_cost\n\n```\n{table}\n```\n")
+    (RESULTS / "compress_cost.json").write_text(json.dumps(summary, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
