@@ -84,6 +84,13 @@ class Moments:
             self.cross = cross if self.cross is None else self.cross + cross
         self.tokens += x.shape[0]
 
+    def default_target(self, gm: GraphModule, linear: Linear) -> None:
+        """Without a serial target, the target is the linear's own full-width output: B = G W^T."""
+        if self.cross is None:
+            w = weight(gm, linear)
+            full = torch.cat([w, bias(gm, linear)[:, None]], 1) if self.with_bias else w
+            self.cross = self.gram @ full.double().T
+
 
 @dataclass
 class PruneReport:
@@ -199,9 +206,7 @@ class PrunePass(GraphPass):
             watch = {x_node.name: lambda node, value, i=index: moments.add(value, serial_target(serial, i, "attention"))}
             runner.run_nodes(part_nodes, env, watch)
         w = weight(gm, layout.o)
-        if moments.cross is None:  # target: the widened branch's own output
-            full = torch.cat([w, bias(gm, layout.o)[:, None]], 1) if moments.with_bias else w
-            moments.cross = moments.gram @ full.double().T
+        moments.default_target(gm, layout.o)
         groups = head_groups(layout, layout.num_kv_heads)
         if config.head_score == "energy":
             energy = group_energy(moments.gram, w, groups)
@@ -235,10 +240,7 @@ class PrunePass(GraphPass):
                 target = serial_target(serial, i, "output")
                 moments.add(value, None if target is None else target - env[stream_in])
             runner.run_nodes(part_nodes, env, {x_node.name: observe})
-        w = weight(gm, layout.down)
-        if moments.cross is None:
-            full = torch.cat([w, bias(gm, layout.down)[:, None]], 1) if moments.with_bias else w
-            moments.cross = moments.gram @ full.double().T
+        moments.default_target(gm, layout.down)
         channels = layout.width
         leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
         keep = torch.topk(leverage, plan.width).indices.sort().values
