@@ -37,6 +37,7 @@ CONFIGS = {
     "serial target, energy heads, refit o_proj + down": PruneConfig(target="serial", head_score="energy"),
     "serial target, error-greedy heads, refit down only": PruneConfig(target="serial", head_score="error", refit_attention=False),
     "serial target, error-greedy heads, refit o_proj + down (default)": PruneConfig(target="serial", head_score="error"),
+    "trajectory target, error-greedy heads, refit o_proj + down": PruneConfig(target="trajectory", head_score="error"),
 }
 
 

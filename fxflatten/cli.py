@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-group", type=int, default=None, help="most blocks in one group (default: no limit)")
     compress.add_argument("--select", choices=["cosine", "error"], default="cosine", help="choose groups by hidden-state similarity (the paper) or by the measured error of each pair's parallel form")
     compress.add_argument("--width", type=float, default=1.0, help="width each group is pruned back to, in original blocks (default 1.0: a standard model)")
-    compress.add_argument("--target", choices=["serial", "widened"], default="serial", help="refit target: the original blocks' serial output (default) or the widened block's (the paper)")
+    compress.add_argument("--target", choices=["serial", "widened", "trajectory"], default="serial", help="refit target: the original blocks' serial output on the same input (default), the widened block's output (the paper), or the original model's own stream at that depth")
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
     add_data_arguments(compress)
     compress.set_defaults(run=cmd_compress)

@@ -62,14 +62,16 @@ def test_serial_target_needs_the_reference_graph():
         PrunePass(CALIB, [BlockPlan(2, 48, (0, 1))], PruneConfig(target="serial"))(flat.graph)
 
 
-def test_serial_refit_reproduces_the_serial_blocks_better_than_the_widened_target():
-    graph = capture(build("llama", Shape(layers=4)))
+@torch.no_grad()
+def test_refits_toward_the_original_model_beat_the_widened_target():
+    graph = capture(build("llama", Shape(layers=6)))
     calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(3))
+    dense = graph(calib, torch.ones_like(calib))
     errors = {}
-    for target in ("serial", "widened"):
-        result = compress(graph, calib=calib, groups=[[1, 2]], config=PruneConfig(target=target))
-        errors[target] = float((result.graph(calib, torch.ones_like(calib)) - graph(calib, torch.ones_like(calib))).pow(2).mean())
-    assert errors["serial"] < errors["widened"]
+    for target in ("serial", "trajectory", "widened"):
+        result = compress(graph, calib=calib, groups=[[1, 2], [3, 4]], config=PruneConfig(target=target))
+        errors[target] = float((result.graph(calib, torch.ones_like(calib)) - dense).pow(2).mean())
+    assert errors["serial"] < errors["widened"] and errors["trajectory"] < errors["widened"]
 
 
 def test_units_keep_block_order():

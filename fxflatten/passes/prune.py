@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class PruneConfig:
     """How to prune; the defaults are the best measured on the default model (see benchmarks)."""
 
-    target: Literal["widened", "serial"] = "serial"
+    target: Literal["widened", "serial", "trajectory"] = "serial"
     head_score: Literal["energy", "error"] = "error"
     refit_attention: bool = True
     refit_mlp: bool = True
@@ -160,8 +160,8 @@ class PrunePass(GraphPass):
         block_map = discover_blocks(graph_module)
         if len(self.plans) != len(block_map.blocks):
             raise FxflattenError(f"{len(self.plans)} block plans for a graph of {len(block_map.blocks)} blocks")
-        if self.config.target == "serial" and self.reference is None:
-            raise FxflattenError("target='serial' needs the reference (original) graph")
+        if self.config.target != "widened" and self.reference is None:
+            raise FxflattenError(f"target={self.config.target!r} needs the reference (original) graph")
         gm = editable_copy(graph_module)
         block_map = discover_blocks(gm)
         nodes = {node.name: node for node in gm.graph.nodes}
@@ -170,7 +170,9 @@ class PrunePass(GraphPass):
         batches = batches_of(self.windows, self.config.batch_size)
         envs = runner.start(batches)
         runner.run(0, envs)
-        reference = Reference(self.reference, batches) if self.config.target == "serial" else None
+        reference = None
+        if self.config.target != "widened":
+            reference = Reference(self.reference, batches, trajectory=self.config.target == "trajectory")
         boundaries = block_boundaries(gm, block_map)
         dag = to_digraph(gm)
         blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
@@ -267,11 +269,13 @@ class Reference:
 
     For a block that replaces original blocks a..b, the original blocks a..b run in series on
     the input the compressed block receives; the sum of their attention outputs and the stream
-    they leave are the targets. It keeps its own per-batch environments with the side inputs
-    (masks, rotary tables) its prologue computed.
+    they leave are the targets. With ``trajectory`` the original model instead runs on its own
+    stream, so the targets are what the original model computes at that depth, and a refit
+    also pulls back the error the earlier compressed blocks left. It keeps its own per-batch
+    environments with the side inputs (masks, rotary tables) its prologue computed.
     """
 
-    def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], trajectory: bool = False) -> None:
         self.map = discover_blocks(graph)
         self.parts = segments(graph, self.map)
         self.runner = SegmentRunner(graph, self.parts)
@@ -279,9 +283,13 @@ class Reference:
         self.envs = self.runner.start(batches)
         self.runner.run(0, self.envs)
         self.side = [set(env) for env in self.envs]
+        self.trajectory = trajectory
+        self.next_block = 0
 
     def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Run original blocks ``origin`` in series on each batch's stream ``inputs``."""
+        if self.trajectory:
+            return self.advance(origin)
         results = []
         for stream, ref_env, side in zip(inputs, self.envs, self.side):
             ref_env[self.boundaries[origin[0]]] = stream
@@ -296,4 +304,20 @@ class Reference:
             for name in list(ref_env):
                 if name not in side:
                     del ref_env[name]
+        return results
+
+    def advance(self, origin: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
+        """Run the original model on its own stream up to the end of ``origin``."""
+        if origin[0] < self.next_block:
+            raise FxflattenError("trajectory targets need the blocks in order")
+        watch_names = {branch.output for index in origin for branch in self.map.blocks[index].attention}
+        results = []
+        for env in self.envs:
+            attention = []
+            watch = {name: lambda node, value: attention.append(value) for name in watch_names}
+            for index in range(self.next_block, origin[-1] + 1):
+                self.runner.run_nodes(self.parts[index + 1].nodes, env, watch if index in origin else {})
+                self.runner.drop(index + 1, env)
+            results.append({"attention": sum(attention), "output": env[self.boundaries[origin[-1] + 1]]})
+        self.next_block = origin[-1] + 1
         return results
