@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--widths", type=float, nargs="*", default=[1.25, 1.5])
     parser.add_argument("--select", choices=["cosine", "error"], default="cosine", help="how the groups are chosen")
-    parser.add_argument("--only-default", action="store_true", help="run the default prune configuration only")
+    parser.add_argument("--configs", nargs="*", help="run only the prune configurations whose names contain one of these")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model("default")
@@ -79,7 +79,7 @@ def main() -> None:
     flat = flatten(dense, groups=selection.groups)
     record("flatten + widen only (no pruning)", flat.graph)
     plans = plan_blocks(dense_map, selection.groups)
-    configs = {name: c for name, c in CONFIGS.items() if "(default)" in name} if args.only_default else CONFIGS
+    configs = {name: c for name, c in CONFIGS.items() if not args.configs or any(part in name for part in args.configs)}
     for name, config in configs.items():
         start = time.perf_counter()
         pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
@@ -97,7 +97,7 @@ def main() -> None:
               f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {evaluation.shape[0]} x {args.seq_len} "
               f"tokens of the default evaluation text. Regenerate: python -m benchmarks.prune_ablation --select {args.select}\n")
     RESULTS.mkdir(exist_ok=True)
-    stem = "prune_ablation" if args.select == "cosine" else f"prune_ablation_select_{args.select}"
+    stem = "prune_ablation" if args.select == "cosine" and not args.configs else f"prune_ablation_select_{args.select}"
     (RESULTS / f"{stem}.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "groups": selection.groups, "rows": rows}, indent=2))
     print(table)
