@@ -63,7 +63,7 @@ def reshape_groups(source: tuple[int, ...], target: tuple[int, ...]) -> list[tup
     return groups
 
 
-def channel_axes(gm: GraphModule, nodes: list[Node], sources: set[str], stops: set[str],
+def channel_axes(nodes: list[Node], sources: set[str], stops: set[str],
                  shapes: dict[str, tuple[int, ...]]) -> dict[str, set[int]]:
     """Channel axes of each node of a branch, from the source projections to the stops."""
     axes: dict[str, set[int]] = {name: {len(shapes[name]) - 1} for name in sources}
@@ -124,7 +124,7 @@ def rescale_constants(gm: GraphModule, nodes: list[Node], sources: set[str], sto
     symbolic sizes are left alone, as are slice ends past the axis (``INT64_MAX``).
     """
     shapes = concrete_shapes(gm)
-    axes = channel_axes(gm, nodes, sources, stops, shapes)
+    axes = channel_axes(nodes, sources, stops, shapes)
     changed = 0
     for node in nodes:
         op = getattr(node.target, "overloadpacket", None)

@@ -322,7 +322,7 @@ class Discovery:
         names = {member.name for member in members}
         by_node = {linear.node: linear for linear in linears}
         down = linears[-1]
-        hidden = self.nodes[down.node].args[1 if down.transposed else 0]
+        hidden = linear_input(self.nodes[down.node], down)
         while is_identity(hidden) or packet(hidden) in {aten.view, aten.reshape, aten._unsafe_view}:
             hidden = hidden.args[0]
         activation = next(
@@ -396,6 +396,11 @@ def discover_blocks(gm: GraphModule) -> BlockMap:
     block_map = Discovery(gm).run()
     log.info("found %d blocks on a stream of %d adds", len(block_map.blocks), len(block_map.stream))
     return block_map
+
+
+def linear_input(node: Node, linear: Linear) -> Node:
+    """The activation a linear multiplies: aten.linear's first argument, Conv1D addmm's second."""
+    return node.args[1] if linear.transposed else node.args[0]
 
 
 def attr_target(arg: object) -> str | None:

@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxflatten.graph import discover_blocks, is_identity, packet
+from fxflatten.graph import discover_blocks, is_identity, linear_input, packet
 from fxflatten.layout import Branch, Linear
 from fxflatten.passes.base import GraphPass, editable_copy, finish
 from fxflatten.tensors import bias, get_tensor, set_tensor, set_weight, weight
@@ -25,9 +25,9 @@ aten = torch.ops.aten
 VIEWS = {aten.view, aten.reshape, aten._unsafe_view}
 
 
-def linear_input(node: Node, linear: Linear) -> Node:
+def unflattened_input(node: Node, linear: Linear) -> Node:
     """The activation a linear multiplies, before any flattening view."""
-    value = node.args[1] if linear.transposed else node.args[0]
+    value = linear_input(node, linear)
     while is_identity(value) or packet(value) in VIEWS:
         value = value.args[0]
     return value
@@ -36,7 +36,7 @@ def linear_input(node: Node, linear: Linear) -> Node:
 def readers(nodes: dict[str, Node], branch: Branch) -> list[Linear]:
     """The branch's linears whose input comes straight out of its norm."""
     region = set(branch.norm.nodes)
-    return [linear for linear in branch.linears if linear_input(nodes[linear.node], linear).name in region]
+    return [linear for linear in branch.linears if unflattened_input(nodes[linear.node], linear).name in region]
 
 
 def add_bias(gm: GraphModule, node: Node, linear: Linear) -> Linear:

@@ -25,14 +25,14 @@ from typing import Literal
 
 import networkx as nx
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
 from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
 from fxflatten.channels import rescale_constants
 from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks, to_digraph
+from fxflatten.graph import discover_blocks, linear_input, to_digraph
 from fxflatten.layout import Block, Branch, Linear, Projection
 from fxflatten.leastsq import greedy_groups_by_error, group_energy, ridge_leverage, ridge_solve
 from fxflatten.passes.base import GraphPass, editable_copy, finish
@@ -101,11 +101,6 @@ class PruneReport:
 
 def rows_of(projection: Projection, keep: torch.Tensor) -> torch.Tensor:
     return projection.start + keep
-
-
-def input_node(nodes: dict[str, Node], linear: Linear) -> Node:
-    node = nodes[linear.node]
-    return node.args[1] if linear.transposed else node.args[0]
 
 
 def slice_inputs(gm: GraphModule, projections: list[Projection], keeps: list[torch.Tensor]) -> None:
@@ -203,7 +198,7 @@ class PrunePass(GraphPass):
             raise FxflattenError(f"block {block.index}: cannot prune {layout.num_kv_heads} KV heads to {plan.kv_heads}")
         config = self.config
         moments = Moments(with_bias=layout.o.bias is not None)
-        x_node = input_node(nodes, layout.o)
+        x_node = linear_input(nodes[layout.o.node], layout.o)
         for index, env in enumerate(envs):
             watch = {x_node.name: lambda node, value, i=index: moments.add(value, serial_target(serial, i, "attention"))}
             runner.run_nodes(part_nodes, env, watch)
@@ -235,7 +230,7 @@ class PrunePass(GraphPass):
             raise FxflattenError(f"block {block.index}: cannot prune an MLP of width {layout.width} to {plan.width}")
         config = self.config
         moments = Moments(with_bias=layout.down.bias is not None)
-        x_node = input_node(nodes, layout.down)
+        x_node = linear_input(nodes[layout.down.node], layout.down)
         stream_in = branch.stream_in
         for index, env in enumerate(envs):
             def observe(node, value, i=index, env=env):
