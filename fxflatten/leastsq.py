@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from fxflatten.errors import FxflattenError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,13 +26,17 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
     """``diag(C (C + lam I)^-1)`` with ``lam = ridge * mean eigenvalue of C``: each channel's
     share of the well-determined directions of the activation covariance.
 
-    Computed as ``1 - lam diag((C + lam I)^-1)`` from one Cholesky factorisation (the mean
-    eigenvalue is the trace over n), several times faster than an eigendecomposition.
+    Computed as ``1 - lam diag((C + lam I)^-1)``, the diagonal of the inverse being the column
+    sums of squares of ``L^-1`` for the Cholesky factor L: several times faster than an
+    eigendecomposition. A ridge this large (the condition number is at most n / ridge + 1)
+    makes float32 accurate enough to rank channels, at half the time of float64.
     """
-    gram = gram.double()
+    gram = gram.float()
     lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
-    factor = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
-    return 1 - lam * torch.cholesky_inverse(factor).diagonal()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    factor = torch.linalg.cholesky(gram + lam * eye)
+    inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
+    return 1 - lam * inverse_factor.pow(2).sum(0)
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
@@ -48,7 +54,8 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[
         if int(info) == 0:
             return torch.cholesky_solve(cross, factor), float(lam / scale)
         lam = lam * 10 if lam > 0 else 1e-8 * scale
-    raise ValueError("least squares stayed singular even with a large ridge")
+    raise FxflattenError("a least-squares refit stayed singular even with a ridge 1e7 times the asked one; "
+                         "the calibration activations are degenerate (use more or longer calibration windows)")
 
 
 def explained(gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, ridge: float) -> float:

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxflatten.capture import capture
 from fxflatten.errors import FxflattenError
+from fxflatten.passes.base import run_passes
 from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
@@ -39,11 +39,12 @@ def as_graph(model_or_graph: nn.Module | GraphModule) -> GraphModule:
 
 def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | None = None,
             ratio: float | None = None, calib: torch.Tensor | None = None, *,
-            max_group: int | None = None, select: str = "cosine", progress: bool = False) -> FlattenResult:
+            max_group: int | None = None, select: str = "cosine", width: float = 1.0, progress: bool = False) -> FlattenResult:
     """Flatten groups of adjacent blocks into parallel form, fold their norms and widen them.
 
     Give ``groups`` (lists of adjacent block indices) or ``ratio`` and ``calib`` (token windows,
-    shape (n, seq_len)) to choose them by hidden-state similarity. The result is exact to the
+    shape (n, seq_len)) to choose them by hidden-state similarity (enough groups to remove
+    ``ratio`` once each is pruned back to ``width`` blocks). The result is exact to the
     parallel form; it is wider, not smaller (pruning back is the next step).
     """
     graph = as_graph(model_or_graph)
@@ -51,11 +52,11 @@ def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | N
     if groups is None:
         if ratio is None or calib is None:
             raise FxflattenError("give either groups, or a ratio and calibration windows to choose them")
-        selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress, by=select)
+        selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress, by=select, width=width)
         groups = selection.groups
     fuse = FusePass()
-    result = PassManager(passes=[FlattenPass(groups), FoldNormsPass(parallel_only=True), fuse])(graph)
-    return FlattenResult(result.graph_module, [list(g) for g in groups], selection, dict(fuse.skipped))
+    result = run_passes(graph, [FlattenPass(groups), FoldNormsPass(parallel_only=True), fuse])
+    return FlattenResult(result, [list(g) for g in groups], selection, dict(fuse.skipped))
 
 
 @dataclass
@@ -109,7 +110,7 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
         raise FxflattenError("compress needs calibration windows")
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
-    flat = flatten(dense, groups=groups, ratio=ratio, calib=calib, max_group=max_group, select=select, progress=progress)
+    flat = flatten(dense, groups=groups, ratio=ratio, calib=calib, max_group=max_group, select=select, width=width, progress=progress)
     plans = plan_blocks(dense_map, flat.groups, width)
     prune = PrunePass(calib, plans, config, reference=dense, progress=progress)
     graph = prune(flat.graph).graph_module

@@ -23,6 +23,7 @@ from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, seg
 from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks
 from fxflatten.layout import BlockMap
+from fxflatten.numerics import check_finite
 from fxflatten.report import format_table
 
 log = logging.getLogger(__name__)
@@ -53,31 +54,35 @@ class Selection:
 
 @torch.no_grad()
 def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMap | None = None,
-                      batch_size: int = 4, max_tokens: int = 4096, progress: bool = False) -> torch.Tensor:
+                      batch_size: int = 4, max_tokens: int = 8192, progress: bool = False) -> torch.Tensor:
     """Mean cosine similarity between the hidden states entering each pair of layers.
 
     Entry ``[i, j]`` compares the stream entering block i with the stream entering block j
-    (index L is the stream leaving the last block), averaged over a fixed, evenly spaced sample
-    of at most ``max_tokens`` calibration tokens. Runs block by block.
+    (index L is the stream leaving the last block), averaged over at most ``max_tokens``
+    calibration tokens: all tokens of evenly spaced windows, so the cost is a fraction of one
+    forward pass. Each batch runs through every block before the next starts and leaves only
+    its contribution to the sums behind, so one batch's states are in memory at a time.
     """
     block_map = block_map or discover_blocks(gm)
     parts = segments(gm, block_map)
     runner = SegmentRunner(gm, parts)
-    envs = runner.start(batches_of(windows, batch_size))
-    per_batch = max(1, max_tokens // len(envs))
-    states = []
+    count = min(len(windows), -(-max_tokens // windows.shape[1]))
+    windows = windows[torch.linspace(0, len(windows) - 1, count).round().long()]
     boundaries = block_boundaries(gm, block_map)
-    for index in tqdm(range(len(parts) - 1), desc="similarity", disable=not progress, leave=False):
-        runner.run(index, envs)
-        name = boundaries[index]
-        sample = []
-        for env in envs:
-            value = env[name].flatten(0, -2).float()
-            step = max(1, value.shape[0] // per_batch)
-            sample.append(torch.nn.functional.normalize(value[::step][:per_batch], dim=-1))
-        states.append(torch.cat(sample))
-    stacked = torch.stack(states)  # (L + 1, tokens, hidden)
-    return torch.einsum("itd,jtd->ij", stacked, stacked) / stacked.shape[1]
+    total = torch.zeros(len(boundaries), len(boundaries), dtype=torch.float64)
+    tokens = 0
+    for env in tqdm(runner.start(batches_of(windows, batch_size)), desc="similarity", disable=not progress, leave=False):
+        states = []
+        for index, name in enumerate(boundaries):
+            runner.run_nodes(runner.parts[index].nodes, env, {})
+            runner.drop(index, env)
+            state = env[name].flatten(0, -2).float()
+            check_finite(state, f"the output of block {index - 1}" if index else "the embedded input")
+            states.append(torch.nn.functional.normalize(state, dim=-1))
+        stacked = torch.stack(states)  # (L + 1, tokens, hidden)
+        total += torch.einsum("itd,jtd->ij", stacked, stacked).double()
+        tokens += stacked.shape[1]
+    return (total / tokens).float()
 
 
 @torch.no_grad()
@@ -133,16 +138,18 @@ def parallel_error(gm: GraphModule, windows: torch.Tensor, block_map: BlockMap |
 
 
 def greedy_groups(similarity: torch.Tensor, block_parameters: list[int], total_parameters: int,
-                  ratio: float, max_group: int | None = None) -> tuple[list[list[int]], int]:
+                  ratio: float, max_group: int | None = None, width: float = 1.0) -> tuple[list[list[int]], int]:
     """Merge the most similar adjacent units until ``ratio`` of all parameters would be removed.
 
-    Never removes more than asked; returns the groups and the parameters they remove.
+    Each group is pruned back to ``width`` x its mean block, so a wider width needs more groups
+    for the same ratio. Never removes more than asked; returns the groups and the parameters
+    they remove.
     """
     units = [[i] for i in range(len(block_parameters))]
     target = ratio * total_parameters
 
     def removed(groups: list[list[int]]) -> int:
-        return sum(sum(block_parameters[i] for i in g) - sum(block_parameters[i] for i in g) // len(g) for g in groups)
+        return sum(group_removes([block_parameters[i] for i in g], width) for g in groups)
 
     while True:
         candidates = [
@@ -160,20 +167,51 @@ def greedy_groups(similarity: torch.Tensor, block_parameters: list[int], total_p
     return groups, removed(groups)
 
 
+def check_ratio(ratio: float) -> None:
+    """Refuse a ratio outside (0, 0.9] before anything is loaded: removing more than 90% of the
+    parameters leaves no model worth having, and a bad ratio should not cost a long load first."""
+    if not 0 < ratio <= 0.9:
+        raise FxflattenError(f"--ratio must be in (0, 0.9], got {ratio}")
+
+
+def group_removes(parameters: list[int], width: float = 1.0) -> int:
+    """Parameters a group of blocks removes once pruned back to ``width`` x its mean block."""
+    return sum(parameters) - int(width * sum(parameters) / len(parameters))
+
+
+def check_ratio_removes_a_block(ratio: float, block_parameters: list[int], total_parameters: int,
+                                width: float = 1.0) -> None:
+    """Refuse a ratio below what the cheapest adjacent pair removes, before calibration runs.
+
+    Merging blocks i and i+1 removes their parameters less ``width`` (mean-sized) blocks; a
+    ratio below the smallest such amount can never choose a group.
+    """
+    if not 0 < width < 2:
+        raise FxflattenError(f"--width must be in (0, 2): a merged pair pruned to {width} blocks removes nothing")
+    pairs = [group_removes([a, b], width) for a, b in zip(block_parameters, block_parameters[1:])]
+    if not pairs:
+        raise FxflattenError("the model has a single block; there are no adjacent blocks to flatten")
+    if ratio * total_parameters < min(pairs):
+        raise FxflattenError(
+            f"--ratio {ratio} is too small to remove one block; merging the cheapest adjacent pair "
+            f"removes {min(pairs) / total_parameters:.3f} of the model, so ask for at least that"
+        )
+
+
 def select_groups(gm: GraphModule, windows: torch.Tensor, ratio: float, block_map: BlockMap | None = None,
                   max_group: int | None = None, batch_size: int = 4, progress: bool = False,
-                  by: str = "cosine") -> Selection:
+                  by: str = "cosine", width: float = 1.0) -> Selection:
     """Choose groups removing ``ratio`` of parameters, measured on calibration ``windows``.
 
     ``by="cosine"`` (the paper) merges by hidden-state similarity; ``by="error"`` flattens
     pairs only, the ones whose parallel form deviates least from the serial blocks
-    (:func:`parallel_error`).
+    (:func:`parallel_error`). ``width`` is what each group is pruned back to, in blocks.
     """
-    if not 0 < ratio <= 0.9:
-        raise FxflattenError(f"--ratio must be in (0, 0.9], got {ratio}")
+    check_ratio(ratio)
     block_map = block_map or discover_blocks(gm)
-    similarity = hidden_similarity(gm, windows, block_map, batch_size=batch_size, progress=progress)
     block_parameters = [block.parameters for block in block_map.blocks]
+    check_ratio_removes_a_block(ratio, block_parameters, block_map.total_parameters, width)
+    similarity = hidden_similarity(gm, windows, block_map, batch_size=batch_size, progress=progress)
     scores = similarity
     if by == "error":
         errors = parallel_error(gm, windows, block_map, batch_size, progress)
@@ -182,7 +220,7 @@ def select_groups(gm: GraphModule, windows: torch.Tensor, ratio: float, block_ma
         max_group = 2
     elif by != "cosine":
         raise FxflattenError(f"unknown selection {by!r}; use 'cosine' or 'error'")
-    groups, removed = greedy_groups(scores, block_parameters, block_map.total_parameters, ratio, max_group)
+    groups, removed = greedy_groups(scores, block_parameters, block_map.total_parameters, ratio, max_group, width)
     if not groups:
         smallest = min(block_parameters) / block_map.total_parameters
         raise FxflattenError(f"--ratio {ratio} is too small to remove one block; the smallest block is {smallest:.3f} of the model")

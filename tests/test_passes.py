@@ -431,6 +431,12 @@ def test_greedy_groups_never_removes_more_than_the_ratio():
     assert greedy_groups(similarity(2, {(0, 1): 0.9}), [100, 51], 1000, ratio=0.07) == ([], 0)
 
 
+def test_greedy_groups_with_a_wider_width_merges_more_groups_for_the_same_ratio():
+    sim = similarity(6, {(0, 1): 0.8, (3, 4): 0.95, (4, 5): 0.9})
+    # Pruned back to 1.5 blocks, a pair removes half a block: two pairs for 10% of the model.
+    assert greedy_groups(sim, BLOCKS, 1000, ratio=0.1, width=1.5) == ([[0, 1], [3, 4]], 100)
+
+
 def test_greedy_groups_grows_a_group_only_when_its_far_end_similarity_is_highest():
     # After [3, 4], extending to 5 scores cos(x_3, x_5) and to 2 scores cos(x_2, x_4).
     grows = similarity(6, {(3, 4): 0.95, (3, 5): 0.9, (0, 1): 0.85, (2, 4): 0.6})

@@ -10,7 +10,7 @@ from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
 from fxflatten.leastsq import ridge_leverage, ridge_solve
-from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass
+from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass
 from fxflatten.pipeline import compress, flatten, units_of
 from fxflatten.report import block_rows
 from tests.models import Shape, build
@@ -82,6 +82,13 @@ def test_ridge_leverage_ranks_a_dominant_channel_first():
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
     x[:, 3] *= 20
     assert int(ridge_leverage(x.T @ x).argmax()) == 3
+
+
+def test_statistics_with_a_nan_stop_with_an_error_naming_the_block():
+    moments = Moments(with_bias=False)
+    moments.add(torch.tensor([[1.0, float("nan")], [0.5, 2.0]]), None)
+    with pytest.raises(FxflattenError, match="block 3: MLP statistics is not finite"):
+        moments.check("block 3: MLP statistics")
 
 
 def test_ridge_solve_recovers_a_linear_map_and_grows_the_ridge_when_singular():

@@ -93,4 +93,4 @@ class FlattenPass(GraphPass):
                 previous = nodes[branch.add]
             log.info("flattened blocks %s into parallel form", group)
         legalize_graph(gm)
-        return PassResult(finish(gm), True)
+        return PassResult(finish(gm, reexport=False), True)

@@ -65,8 +65,10 @@ def drop_affine(nodes: dict[str, Node], branch: Branch) -> None:
                 node.replace_all_uses_with(others[0])
 
 
-def fold_branch(gm: GraphModule, nodes: dict[str, Node], branch: Branch) -> None:
+def fold_branch(gm: GraphModule, nodes: dict[str, Node], branch: Branch) -> bool:
+    """Fold one branch's norm; True if a linear had to be given a bias (a new graph node)."""
     norm = branch.norm
+    added = False
     gamma = get_tensor(gm, norm.weight).float() if norm.weight else None
     beta = get_tensor(gm, norm.bias).float() if norm.bias else None
     for linear in readers(nodes, branch):
@@ -74,10 +76,12 @@ def fold_branch(gm: GraphModule, nodes: dict[str, Node], branch: Branch) -> None
         if beta is not None:
             if linear.bias is None:
                 linear = add_bias(gm, nodes[linear.node], linear)
+                added = True
             set_tensor(gm, linear.bias, (bias(gm, linear).float() + w.float() @ beta).to(w.dtype))
         if gamma is not None:
             set_weight(gm, linear, (w.float() * gamma[None, :]).to(w.dtype))
     drop_affine(nodes, branch)
+    return added
 
 
 class FoldNormsPass(GraphPass):
@@ -100,7 +104,7 @@ class FoldNormsPass(GraphPass):
             return PassResult(graph_module, False)
         gm = editable_copy(graph_module)
         nodes = {node.name: node for node in gm.graph.nodes}
-        for branch in branches:
-            fold_branch(gm, nodes, branch)
+        added = [fold_branch(gm, nodes, branch) for branch in branches]
         log.info("folded the norms of %d branches", len(branches))
-        return PassResult(finish(gm), True)
+        # Folding keeps every shape; only new bias nodes lack the metadata a re-export gives.
+        return PassResult(finish(gm, reexport=any(added)), True)

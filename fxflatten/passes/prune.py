@@ -9,9 +9,11 @@ Block by block, on calibration activations that flowed through the blocks alread
 - the MLP keeps the channels of highest ridge leverage of its activation covariance and refits
   the down projection on them (the paper's Nystrom compensation).
 
-The refit target is either the widened block's own output (``target="widened"``, the paper) or
-what the original, unflattened blocks compute in series on the same input
-(``target="serial"``), which also absorbs the flattening error. Keeping every head and channel
+The refit target is the widened block's own output (``target="widened"``, the paper), what
+the original, unflattened blocks compute in series on the same input (``target="serial"``),
+which also absorbs the flattening error, or (the default, ``target="trajectory"``) what the
+original model computes at that depth on its own stream, which also pulls back the error the
+earlier compressed blocks left. Keeping every head and channel
 changes nothing. Any block can be pruned, widened or not, so this is also a plain
 width-pruning pass.
 """
@@ -35,6 +37,7 @@ from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks, linear_input, to_digraph
 from fxflatten.layout import Block, Branch, Linear, Projection
 from fxflatten.leastsq import greedy_groups_by_error, group_energy, ridge_leverage, ridge_solve
+from fxflatten.numerics import check_finite
 from fxflatten.passes.base import GraphPass, editable_copy, finish
 from fxflatten.tensors import bias, set_tensor, set_weight, weight
 
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 class PruneConfig:
     """How to prune; the defaults are the best measured on the default model (see benchmarks)."""
 
-    target: Literal["widened", "serial", "trajectory"] = "serial"
+    target: Literal["widened", "serial", "trajectory"] = "trajectory"
     head_score: Literal["energy", "error"] = "error"
     refit_attention: bool = True
     refit_mlp: bool = True
@@ -83,6 +86,12 @@ class Moments:
             cross = (x.T @ y.flatten(0, -2).float()).double()
             self.cross = cross if self.cross is None else self.cross + cross
         self.tokens += x.shape[0]
+
+    def check(self, what: str) -> None:
+        """Stop with an error naming the block if a NaN or Inf reached the statistics."""
+        check_finite(self.gram, what)
+        if self.cross is not None:
+            check_finite(self.cross, what)
 
     def default_target(self, gm: GraphModule, linear: Linear) -> None:
         """Without a serial target, the target is the linear's own full-width output: B = G W^T."""
@@ -177,7 +186,8 @@ class PrunePass(GraphPass):
             attention_nodes = [node for node in part.nodes if node.name in before_mlp]
             mlp_nodes = [node for node in part.nodes if node.name not in before_mlp]
             if reference and plan.origin and (plan.kv_heads is not None or plan.width is not None):
-                serial = reference.run(plan.origin, [env[boundaries[block.index]] for env in envs])
+                pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
+                serial = reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine)
             else:
                 serial = None
             self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, serial)
@@ -202,6 +212,7 @@ class PrunePass(GraphPass):
         for index, env in enumerate(envs):
             watch = {x_node.name: lambda node, value, i=index: moments.add(value, serial_target(serial, i, "attention"))}
             runner.run_nodes(part_nodes, env, watch)
+        moments.check(f"block {block.index}: attention statistics")
         w = weight(gm, layout.o)
         moments.default_target(gm, layout.o)
         groups = head_groups(layout, layout.num_kv_heads)
@@ -237,6 +248,7 @@ class PrunePass(GraphPass):
                 target = serial_target(serial, i, "output")
                 moments.add(value, None if target is None else target - env[stream_in])
             runner.run_nodes(part_nodes, env, {x_node.name: observe})
+        moments.check(f"block {block.index}: MLP statistics")
         moments.default_target(gm, layout.down)
         channels = layout.width
         leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
@@ -281,9 +293,18 @@ class Reference:
         self.trajectory = trajectory
         self.next_block = 0
 
-    def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Run original blocks ``origin`` in series on each batch's stream ``inputs``."""
+    def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor], pristine: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Run original blocks ``origin`` in series on each batch's stream ``inputs``.
+
+        ``pristine`` says no block before ``origin`` was changed, so ``inputs`` is also the
+        original model's own stream there: a trajectory starts from it instead of running the
+        original blocks before it a second time.
+        """
         if self.trajectory:
+            if pristine and self.next_block == 0:
+                for env, stream in zip(self.envs, inputs):
+                    env[self.boundaries[origin[0]]] = stream
+                self.next_block = origin[0]
             return self.advance(origin)
         results = []
         for stream, ref_env, side in zip(inputs, self.envs, self.side):
