@@ -1,7 +1,8 @@
 """The ``fxflatten`` command: a thin front end over the public Python API.
 
 User mistakes (:class:`FxflattenError`) print one line and exit with status 2; ``--debug`` shows
-the traceback instead.
+the traceback instead. Ctrl-C prints one line and exits with status 130; outputs are written
+atomically, so an interrupted run leaves the old output or none.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ def cmd_compress(args: argparse.Namespace) -> None:
     run_compress(args)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from fxflatten.commands import run_export
+
+    run_export(args)
+
+
+def cmd_run_onnx(args: argparse.Namespace) -> None:
+    from fxflatten.commands import run_onnx
+
+    run_onnx(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxflatten", description="Depth compression of pre-norm transformers (FlattenGPT) as torch.fx graph passes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -95,10 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--max-group", type=int, default=None, help="most blocks in one group (default: no limit)")
     compress.add_argument("--select", choices=["cosine", "error"], default="cosine", help="choose groups by hidden-state similarity (the paper) or by the measured error of each pair's parallel form")
     compress.add_argument("--width", type=float, default=1.0, help="width each group is pruned back to, in original blocks (default 1.0: a standard model)")
-    compress.add_argument("--target", choices=["serial", "widened", "trajectory"], default="serial", help="refit target: the original blocks' serial output on the same input (default), the widened block's output (the paper), or the original model's own stream at that depth")
+    compress.add_argument("--target", choices=["trajectory", "serial", "widened"], default="trajectory", help="refit target: the original model's own stream at that depth (default), the original blocks' serial output on the same input, or the widened block's output (the paper)")
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
+    compress.add_argument("--onnx", action="store_true", help="also write model.onnx (logits form, checked in ONNX Runtime) into --out")
     add_data_arguments(compress)
     compress.set_defaults(run=cmd_compress)
+
+    export = commands.add_parser("export", help="export a model or an fxflatten output to ONNX, checked in ONNX Runtime")
+    export.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, 'default', or a directory fxflatten wrote (model.pt2 or a checkpoint)")
+    export.add_argument("--out", required=True, help="output directory: model.onnx (+ model.onnx.data when large), the tokenizer, report.json")
+    export.add_argument("--with-past", action="store_true", help="export the decoding step with KV-cache inputs and outputs (past_key_values.N.key/value, present.N.key/value); needs a Hugging Face model")
+    export.add_argument("--atol", type=float, default=1e-4, help="absolute logit tolerance of the ONNX Runtime check, plus 1e-4 x the largest logit (default 1e-4)")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
+    export.set_defaults(run=cmd_export)
+
+    run_onnx = commands.add_parser("run-onnx", help="greedy generation in ONNX Runtime from a directory fxflatten exported")
+    run_onnx.add_argument("dir", help="directory holding model.onnx and its tokenizer (or the .onnx file itself)")
+    run_onnx.add_argument("--prompt", required=True, help="text to continue")
+    run_onnx.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default 32)")
+    run_onnx.set_defaults(run=cmd_run_onnx)
     return parser
 
 
@@ -109,6 +137,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # The ONNX exporter logs every optional op set it skips and every rewrite it applies.
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,12 +153,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_libraries()
     try:
         args.run(args)
-    except FxflattenError as error:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"fxflatten: error: {error}", file=sys.stderr)
+        print("fxflatten: interrupted; no partial output was left (an existing one is unchanged)", file=sys.stderr)
+        return 130
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None or args.debug:
+            raise
+        print(f"fxflatten: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def user_error(error: BaseException) -> FxflattenError | None:
+    """The :class:`FxflattenError` behind ``error``, if any.
+
+    Libraries that run our code re-raise its errors wrapped in their own (torch's PassManager
+    raises ``Exception(...) from error``); following the explicit ``from`` chain still finds the
+    user's mistake, so it gets its one line instead of a traceback.
+    """
+    while error is not None:
+        if isinstance(error, FxflattenError):
+            return error
+        error = error.__cause__
+    return None
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from fxflatten.evaluate import perplexity
 from fxflatten.export.program import save_program
 from fxflatten.graph import discover_blocks
 from fxflatten.load import load_model
+from fxflatten.numerics import check_finite, check_parameters_finite
 from fxflatten.output import atomic_dir, check_output, write_report
 from fxflatten.pipeline import flatten
 from fxflatten.report import format_table
-from fxflatten.select import select_groups
+from fxflatten.select import check_ratio, select_groups
 from fxflatten.stages import Stages
-from fxflatten.text import calibration_windows, evaluation_windows
+from fxflatten.text import calibration_windows, evaluation_windows, warn_if_overlapping
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ def run_flatten(args: argparse.Namespace) -> None:
         raise FxflattenError("--out DIR is required to write the widened model (or pass --dry-run)")
     if args.out:
         check_output(Path(args.out), args.force)
+    check_ratio(args.ratio)
     torch.manual_seed(args.seed)
     stages = Stages()
     with stages("load"):
         model, tokenizer = load_model(args.model)
+        check_parameters_finite(model)
         calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
     with stages("capture"):
         graph = capture(model)
@@ -44,6 +47,7 @@ def run_flatten(args: argparse.Namespace) -> None:
     print(f"groups: {selection.groups}  (removes {selection.ratio:.3f} of parameters once pruned back; asked {args.ratio})")
     if args.dry_run:
         return
+    warn_if_overlapping(args.calib, args.eval_text)
     with stages("flatten"):
         result = flatten(graph, groups=selection.groups)
     for index, reason in result.unfused.items():
@@ -81,17 +85,21 @@ def run_flatten(args: argparse.Namespace) -> None:
 def run_compress(args: argparse.Namespace) -> None:
     """fxflatten compress: select, flatten, fold, fuse, prune back, evaluate and save."""
     from fxflatten.export.hf import check_same_logits, to_pretrained
+    from fxflatten.export.onnx import ONNX_FILE, to_onnx
     from fxflatten.passes.prune import PruneConfig
     from fxflatten.pipeline import compress
 
     out = Path(args.out)
     check_output(out, args.force)
+    check_ratio(args.ratio)
     torch.manual_seed(args.seed)
     stages = Stages()
     with stages("load"):
         model, tokenizer = load_model(args.model)
+        check_parameters_finite(model)
         calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
         evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+        warn_if_overlapping(args.calib, args.eval_text)
     with stages("capture"):
         graph = capture(model)
         block_map = discover_blocks(graph)
@@ -102,6 +110,7 @@ def run_compress(args: argparse.Namespace) -> None:
     with stages("evaluate"):
         dense = perplexity(graph, evaluation, progress=True)
         compressed = perplexity(result.graph, evaluation, progress=True)
+    check_finite(compressed.value, "held-out perplexity of the compressed model")
     removed = block_map.total_parameters - compressed_map.total_parameters
     report = {
         "model": str(args.model),
@@ -127,6 +136,10 @@ def run_compress(args: argparse.Namespace) -> None:
             save_program(result.graph, tmp)
             report["format"] = "torch.export"
         tokenizer.save_pretrained(tmp)
+        if args.onnx:
+            onnx_export = to_onnx(result.graph, tmp / ONNX_FILE)
+            report["onnx"] = onnx_export.as_dict()
+            print(onnx_export.summary())
         report["stages"] = stages.as_dict()
         write_report(tmp, report)
     print(format_table(
@@ -138,3 +151,41 @@ def run_compress(args: argparse.Namespace) -> None:
     print(f"held-out perplexity on {dense}")
     print(stages.table())
     print(f"wrote {out} ({report['format']})")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """fxflatten export: ONNX (checked in ONNX Runtime), the tokenizer and a report, into one directory."""
+    from fxflatten.export.onnx import ONNX_FILE, to_onnx
+    from fxflatten.export.program import load_source
+
+    out = Path(args.out)
+    if out.suffix == ".onnx":
+        raise FxflattenError(f"--out {out}: give a directory (it gets {ONNX_FILE}, the tokenizer and report.json)")
+    check_output(out, args.force)
+    source, tokenizer = load_source(args.model)
+    with atomic_dir(out, args.force) as tmp:
+        onnx_export = to_onnx(source, tmp / ONNX_FILE, with_past=args.with_past, atol=args.atol)
+        tokenizer.save_pretrained(tmp)
+        write_report(tmp, {"model": str(args.model), "onnx": onnx_export.as_dict()})
+    print(onnx_export.summary())
+    print(f"wrote {out / ONNX_FILE} ({onnx_export.form}) in {onnx_export.seconds:.0f} s")
+
+
+def run_onnx(args: argparse.Namespace) -> None:
+    """fxflatten run-onnx: greedy generation in ONNX Runtime with the tokenizer saved beside the model."""
+    from transformers import AutoTokenizer
+
+    from fxflatten.export import ort
+    from fxflatten.export.onnx import ONNX_FILE
+
+    path = Path(args.dir)
+    model_file = path if path.suffix == ".onnx" else path / ONNX_FILE
+    if not model_file.is_file():
+        raise FxflattenError(f"{model_file}: no ONNX model here; write one with `fxflatten export MODEL --out DIR`")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_file.parent)
+    except (OSError, ValueError) as error:
+        raise FxflattenError(f"{model_file.parent}: no tokenizer beside the model ({error.__class__.__name__})") from error
+    prompt = tokenizer(args.prompt).input_ids
+    new = ort.greedy(ort.session(model_file), prompt, args.max_new_tokens, tokenizer.eos_token_id)
+    print(tokenizer.decode(prompt + new, skip_special_tokens=True))

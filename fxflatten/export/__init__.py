@@ -1,1 +1,5 @@
-"""Writing results: ExportedProgram files (and, later, HF checkpoints and ONNX)."""
+"""Writing results: ExportedProgram files, Hugging Face checkpoints, ONNX models and their sessions."""
+
+from fxflatten.export.onnx import OnnxExport, to_onnx
+
+__all__ = ["OnnxExport", "to_onnx"]

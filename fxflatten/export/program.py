@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
+from transformers import PreTrainedTokenizerBase
 
 from fxflatten.capture import MAX_LEN, to_program
 from fxflatten.errors import FxflattenError
@@ -35,3 +37,19 @@ def load_program(path: str | Path) -> GraphModule:
     seq = [d for d in program.range_constraints.values()]
     graph_module.meta[MAX_LEN] = max((int(r.upper) for r in seq if r.upper.is_integer), default=8192)
     return graph_module
+
+
+def load_source(spec: str | Path) -> tuple[nn.Module | GraphModule, PreTrainedTokenizerBase]:
+    """A model (``load_model``'s sources) or, for a directory holding only a program, its graph.
+
+    fxflatten writes a program when a result is not a standard checkpoint; such a directory has
+    the tokenizer beside ``model.pt2`` but no ``config.json``.
+    """
+    from transformers import AutoTokenizer
+
+    from fxflatten.load import load_model
+
+    path = Path(spec).expanduser()
+    if spec != "default" and path.is_dir() and (path / PROGRAM_FILE).is_file() and not (path / "config.json").is_file():
+        return load_program(path), AutoTokenizer.from_pretrained(path)
+    return load_model(spec)
