@@ -5,7 +5,10 @@ then pruned back to one block's width under each configuration; ShortGPT removes
 number of blocks, chosen by Block Influence (1 - cos of a block's input and output) on the
 same calibration windows. Held-out perplexity on the default evaluation text.
 
-    python -m benchmarks.prune_ablation [--samples 64] [--ratio 0.2]
+    python -m benchmarks.prune_ablation [--samples 64] [--ratio 0.2] [--widths 1.25 1.5] [--configs NAME ...]
+
+``--widths`` adds an equal-budget curve: groups pruned back to W blocks each, with as many
+more groups merged as keeps the removed share at --ratio.
 
 Writes benchmarks/results/prune_ablation.{md,json}.
 """
@@ -23,7 +26,7 @@ from fxflatten import PruneConfig, capture, discover_blocks, load_model
 from fxflatten.evaluate import perplexity
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
-from fxflatten.pipeline import flatten, plan_blocks
+from fxflatten.pipeline import compress, flatten, plan_blocks
 from fxflatten.report import format_table
 from fxflatten.select import select_groups
 from fxflatten.text import calibration_windows, evaluation_windows
@@ -31,13 +34,14 @@ from fxflatten.text import calibration_windows, evaluation_windows
 RESULTS = Path(__file__).parent / "results"
 
 CONFIGS = {
+    "trajectory target, error-greedy heads, refit o_proj + down (default)": PruneConfig(target="trajectory", head_score="error"),
+    "trajectory target, error-greedy heads, error-pruned channels": PruneConfig(target="trajectory", head_score="error", channel_score="error"),
     "paper: widened target, energy heads, refit down only": PruneConfig(target="widened", head_score="energy", refit_attention=False),
     "widened target, energy heads, refit o_proj + down": PruneConfig(target="widened", head_score="energy"),
     "serial target, energy heads, refit down only": PruneConfig(target="serial", head_score="energy", refit_attention=False),
     "serial target, energy heads, refit o_proj + down": PruneConfig(target="serial", head_score="energy"),
     "serial target, error-greedy heads, refit down only": PruneConfig(target="serial", head_score="error", refit_attention=False),
-    "serial target, error-greedy heads, refit o_proj + down (default)": PruneConfig(target="serial", head_score="error"),
-    "trajectory target, error-greedy heads, refit o_proj + down": PruneConfig(target="trajectory", head_score="error"),
+    "serial target, error-greedy heads, refit o_proj + down": PruneConfig(target="serial", head_score="error"),
 }
 
 
@@ -71,7 +75,10 @@ def main() -> None:
         rows.append({"method": method, "layers": len(discover_blocks(graph).blocks), "parameters": params,
                      "ratio": 1 - params / total, "perplexity": value, "seconds": seconds})
         print(rows[-1], flush=True)
+        if selection is not None:
+            write_results(args, selection.groups, evaluation.shape[0], rows)
 
+    selection = None
     record("dense", dense)
     selection = select_groups(dense, calib, args.ratio, dense_map, by=args.select)
     removed = sum(len(group) - 1 for group in selection.groups)
@@ -85,22 +92,28 @@ def main() -> None:
         pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
         record(name, pruned, time.perf_counter() - start)
     for width in args.widths:
+        # Equal budget: each group keeps `width` blocks, so more groups are merged for the same ratio.
         start = time.perf_counter()
-        pruned = PrunePass(calib, plan_blocks(dense_map, selection.groups, width), PruneConfig(), reference=dense)(flat.graph).graph_module
-        record(f"default, groups pruned to width {width}", pruned, time.perf_counter() - start)
+        result = compress(dense, args.ratio, calib, width=width, select=args.select)
+        record(f"default at width {width}, {len(result.groups)} groups: {result.groups}", result.graph, time.perf_counter() - start)
+    print(write_results(args, selection.groups, evaluation.shape[0], rows))
+
+
+def write_results(args: argparse.Namespace, groups: list[list[int]], eval_windows: int, rows: list[dict]) -> str:
+    """Write the table so far (rewritten after every row, so a long run leaves what it measured)."""
     base = rows[0]["perplexity"]
     table = format_table(
         ["method", "layers", "parameters", "removed", "perplexity", "x dense"],
         [[r["method"], r["layers"], r["parameters"], f"{r['ratio']:.3f}", r["perplexity"], f"{r['perplexity'] / base:.3f}"] for r in rows],
     )
-    header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}, groups chosen by {args.select}: {selection.groups}. "
-              f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {evaluation.shape[0]} x {args.seq_len} "
+    header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}, groups chosen by {args.select}: {groups}. "
+              f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {eval_windows} x {args.seq_len} "
               f"tokens of the default evaluation text. Regenerate: python -m benchmarks.prune_ablation --select {args.select}\n")
     RESULTS.mkdir(exist_ok=True)
     stem = "prune_ablation" if args.select == "cosine" and not args.configs else f"prune_ablation_select_{args.select}"
     (RESULTS / f"{stem}.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "groups": selection.groups, "rows": rows}, indent=2))
-    print(table)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "groups": groups, "rows": rows}, indent=2))
+    return table
 
 
 if __name__ == "__main__":

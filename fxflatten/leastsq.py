@@ -83,3 +83,32 @@ def greedy_groups_by_error(gram: torch.Tensor, cross: torch.Tensor, groups: list
         )
         chosen.append(best)
     return sorted(chosen)
+
+
+def prune_by_error(gram: torch.Tensor, cross: torch.Tensor, keep: int, ridge: float, rounds: int = 4,
+                   always: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose ``keep`` input channels that best reproduce the target, dropping the rest in rounds.
+
+    Each round fits all active channels by ridge least squares (``W = (G + lam I)^-1 B``) and
+    drops the channels whose removal raises the residual least: by the optimal-brain-surgeon
+    identity, removing channel i alone (and refitting the rest) costs
+    ``|W_i|^2 / [(G + lam I)^-1]_ii``. Unlike ridge leverage, this sees the target, so it
+    keeps the channels the output needs, not just the ones with the most independent energy.
+    Channels in ``always`` (a bias column) are kept and not counted.
+    """
+    fixed = always if always is not None else torch.empty(0, dtype=torch.long)
+    candidates = torch.tensor([i for i in range(gram.shape[0]) if i not in set(fixed.tolist())], dtype=torch.long)
+    for round_ in range(rounds):
+        left = rounds - round_
+        target = len(candidates) - -(-(len(candidates) - keep) // left)
+        if target >= len(candidates):
+            break
+        active = torch.cat([candidates, fixed])
+        g = gram[active][:, active].double()
+        lam = ridge * g.diagonal().mean().clamp(min=1e-12)
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(len(active), dtype=g.dtype)))
+        solution = inverse @ cross[active].double()
+        cost = solution.pow(2).sum(1) / inverse.diagonal()
+        order = cost[: len(candidates)].argsort(descending=True)
+        candidates = candidates[order[:target]].sort().values
+    return candidates

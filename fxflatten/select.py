@@ -72,16 +72,18 @@ def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMa
     total = torch.zeros(len(boundaries), len(boundaries), dtype=torch.float64)
     tokens = 0
     for env in tqdm(runner.start(batches_of(windows, batch_size)), desc="similarity", disable=not progress, leave=False):
-        states = []
+        states = None  # row i: the batch's unit-normalised stream entering block i, flattened
         for index, name in enumerate(boundaries):
             runner.run_nodes(runner.parts[index].nodes, env, {})
             runner.drop(index, env)
             state = env[name].flatten(0, -2).float()
             check_finite(state, f"the output of block {index - 1}" if index else "the embedded input")
-            states.append(torch.nn.functional.normalize(state, dim=-1))
-        stacked = torch.stack(states)  # (L + 1, tokens, hidden)
-        total += torch.einsum("itd,jtd->ij", stacked, stacked).double()
-        tokens += stacked.shape[1]
+            if states is None:
+                states = state.new_empty(len(boundaries), state.shape[0], state.shape[1])
+            torch.nn.functional.normalize(state, dim=-1, out=states[index])
+        flat = states.flatten(1)
+        total += (flat @ flat.T).double()
+        tokens += states.shape[1]
     return (total / tokens).float()
 
 

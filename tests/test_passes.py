@@ -26,7 +26,7 @@ from fxflatten.capture import capture, recapture
 from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
-from fxflatten.select import greedy_groups
+from fxflatten.select import greedy_groups, hidden_similarity
 from tests.models import FAMILIES, NO_GQA, VOCAB, Shape, build
 
 # Float32 tolerances for "exact" rewrites. Fold and flatten reorder a few roundings; fuse turns
@@ -384,17 +384,11 @@ def test_passes_compose_in_a_pass_manager_and_leave_their_input_untouched():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_fused_graph_exports_to_onnx_and_runs_in_onnxruntime(family, tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
+    from fxflatten.export import ort, to_onnx
+
     fused = pipeline(family).fused
-    path = tmp_path / f"{family}.onnx"
-    dims = {0: "batch", 1: "sequence"}
-    torch.onnx.export(
-        fused, tokens(), path, dynamo=True, external_data=False, verbose=False,
-        input_names=["input_ids", "attention_mask"], output_names=["logits"], dynamic_shapes=(dims, dims),
-    )
-    onnx.checker.check_model(str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.session(to_onnx(fused, tmp_path / f"{family}.onnx").path)
     for batch, length in [(2, 11), (3, 6)]:
         ids, mask = tokens(batch, length)
         (out,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
@@ -429,6 +423,22 @@ def test_greedy_groups_never_removes_more_than_the_ratio():
     groups, removed = greedy_groups(similarity(2, {(0, 1): 0.9}), [100, 51], 1000, ratio=0.1)
     assert (groups, removed) == ([[0, 1]], 151 - 151 // 2)
     assert greedy_groups(similarity(2, {(0, 1): 0.9}), [100, 51], 1000, ratio=0.07) == ([], 0)
+
+
+def test_hidden_similarity_is_the_mean_cosine_of_the_streams_entering_each_block():
+    model = build("llama", Shape(layers=4))
+    windows = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = model(windows, output_hidden_states=True).hidden_states[:4]  # the last has the final norm
+    unit = [F.normalize(h.flatten(0, 1), dim=-1) for h in states]
+    expected = torch.tensor([[float((a * b).sum(-1).mean()) for b in unit] for a in unit])
+    # Batches of 4 over 6 windows: the sums run over uneven batches, one at a time.
+    got = hidden_similarity(capture(model), windows, batch_size=4, max_tokens=10_000)
+    torch.testing.assert_close(got[:4, :4], expected, atol=1e-5, rtol=1e-5)
+    # A token budget of two windows samples evenly spaced windows 0 and 5.
+    sampled = hidden_similarity(capture(model), windows, max_tokens=32)
+    ends = [F.normalize(h[[0, 5]].flatten(0, 1), dim=-1) for h in states]
+    torch.testing.assert_close(sampled[0, 3], (ends[0] * ends[3]).sum(-1).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_groups_with_a_wider_width_merges_more_groups_for_the_same_ratio():

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
-from fxflatten.leastsq import ridge_leverage, ridge_solve
+from fxflatten.leastsq import prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass
 from fxflatten.pipeline import compress, flatten, units_of
 from fxflatten.report import block_rows
@@ -82,6 +82,19 @@ def test_ridge_leverage_ranks_a_dominant_channel_first():
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
     x[:, 3] *= 20
     assert int(ridge_leverage(x.T @ x).argmax()) == 3
+
+
+def test_error_pruning_keeps_the_channels_the_target_reads():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 20, dtype=torch.float64, generator=generator)
+    x[:, 7] *= 30  # the most energetic channel, but the target does not read it
+    w = torch.zeros(20, 3, dtype=torch.float64)
+    w[[2, 5, 11]] = torch.randn(3, 3, dtype=torch.float64, generator=generator)
+    y = x @ w + 3.0
+    with_bias = torch.cat([x, torch.ones(2000, 1, dtype=torch.float64)], 1)
+    keep = prune_by_error(with_bias.T @ with_bias, with_bias.T @ y, 3, 1e-6, always=torch.tensor([20]))
+    assert keep.tolist() == [2, 5, 11]
+    assert int(ridge_leverage(x.T @ x).argmax()) == 7  # leverage alone would keep channel 7
 
 
 def test_statistics_with_a_nan_stop_with_an_error_naming_the_block():

@@ -36,7 +36,7 @@ from fxflatten.channels import rescale_constants
 from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks, linear_input, to_digraph
 from fxflatten.layout import Block, Branch, Linear, Projection
-from fxflatten.leastsq import greedy_groups_by_error, group_energy, ridge_leverage, ridge_solve
+from fxflatten.leastsq import greedy_groups_by_error, group_energy, prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.numerics import check_finite
 from fxflatten.passes.base import GraphPass, editable_copy, finish
 from fxflatten.tensors import bias, set_tensor, set_weight, weight
@@ -50,6 +50,7 @@ class PruneConfig:
 
     target: Literal["widened", "serial", "trajectory"] = "trajectory"
     head_score: Literal["energy", "error"] = "error"
+    channel_score: Literal["leverage", "error"] = "leverage"
     refit_attention: bool = True
     refit_mlp: bool = True
     leverage_ridge: float = 10.0  # lam = this x mean eigenvalue, for MLP channel scores
@@ -251,8 +252,12 @@ class PrunePass(GraphPass):
         moments.check(f"block {block.index}: MLP statistics")
         moments.default_target(gm, layout.down)
         channels = layout.width
-        leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
-        keep = torch.topk(leverage, plan.width).indices.sort().values
+        if config.channel_score == "leverage":
+            leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
+            keep = torch.topk(leverage, plan.width).indices.sort().values
+        else:
+            always = torch.tensor([channels]) if moments.with_bias else None
+            keep = prune_by_error(moments.gram, moments.cross, plan.width, config.fit_ridge, always=always)
         members = [nodes[name] for name in branch.nodes]
         projections = [p for p in (layout.gate, layout.up) if p is not None]
         rescale_constants(gm, members, {p.linear.node for p in projections}, {layout.down.node}, Fraction(plan.width, channels))
