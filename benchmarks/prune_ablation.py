@@ -5,10 +5,9 @@ then pruned back to one block's width under each configuration; ShortGPT removes
 number of blocks, chosen by Block Influence (1 - cos of a block's input and output) on the
 same calibration windows. Held-out perplexity on the default evaluation text.
 
-    python -m benchmarks.prune_ablation [--samples 64] [--ratio 0.2] [--widths 1.25 1.5] [--configs NAME ...]
+    python -m benchmarks.prune_ablation [--samples 64] [--ratio 0.2] [--configs NAME ...]
 
-``--widths`` adds an equal-budget curve: groups pruned back to W blocks each, with as many
-more groups merged as keeps the removed share at --ratio.
+Wider groups at the same ratio (an equal-budget curve) are ``benchmarks.width_curve``.
 
 Writes benchmarks/results/prune_ablation.{md,json}.
 """
@@ -26,7 +25,7 @@ from fxflatten import PruneConfig, capture, discover_blocks, load_model
 from fxflatten.evaluate import perplexity
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
-from fxflatten.pipeline import compress, flatten, plan_blocks
+from fxflatten.pipeline import flatten, plan_blocks
 from fxflatten.report import format_table
 from fxflatten.select import select_groups
 from fxflatten.text import calibration_windows, evaluation_windows
@@ -56,7 +55,6 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--widths", type=float, nargs="*", default=[1.25, 1.5])
     parser.add_argument("--select", choices=["cosine", "error"], default="cosine", help="how the groups are chosen")
     parser.add_argument("--configs", nargs="*", help="run only the prune configurations whose names contain one of these")
     args = parser.parse_args()
@@ -91,11 +89,6 @@ def main() -> None:
         start = time.perf_counter()
         pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
         record(name, pruned, time.perf_counter() - start)
-    for width in args.widths:
-        # Equal budget: each group keeps `width` blocks, so more groups are merged for the same ratio.
-        start = time.perf_counter()
-        result = compress(dense, args.ratio, calib, width=width, select=args.select)
-        record(f"default at width {width}, {len(result.groups)} groups: {result.groups}", result.graph, time.perf_counter() - start)
     print(write_results(args, selection.groups, evaluation.shape[0], rows))
 
 

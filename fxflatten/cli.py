@@ -68,6 +68,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
     run_compress(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fxflatten.commands import run_eval
+
+    run_eval(args)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from fxflatten.commands import run_export
 
@@ -107,12 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--force", action="store_true", help="replace --out if it exists")
     compress.add_argument("--max-group", type=int, default=None, help="most blocks in one group (default: no limit)")
     compress.add_argument("--select", choices=["cosine", "error"], default="cosine", help="choose groups by hidden-state similarity (the paper) or by the measured error of each pair's parallel form")
-    compress.add_argument("--width", type=float, default=1.0, help="width each group is pruned back to, in original blocks (default 1.0: a standard model)")
+    compress.add_argument("--width", type=float, default=1.0, help="width each group is pruned back to, in original blocks, in (0, 2) (default 1.0: a standard model); wider groups keep more, and more groups are merged for the same --ratio")
     compress.add_argument("--target", choices=["trajectory", "serial", "widened"], default="trajectory", help="refit target: the original model's own stream at that depth (default), the original blocks' serial output on the same input, or the widened block's output (the paper)")
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
     compress.add_argument("--onnx", action="store_true", help="also write model.onnx (logits form, checked in ONNX Runtime) into --out")
     add_data_arguments(compress)
     compress.set_defaults(run=cmd_compress)
+
+    evaluate = commands.add_parser("eval", help="held-out perplexity and zero-shot accuracy (lm-evaluation-harness) of a model or an fxflatten output")
+    evaluate.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, 'default', or a directory fxflatten wrote (model.pt2 or a checkpoint)")
+    evaluate.add_argument("--text", metavar="FILE", help="held-out text for perplexity (default: the embedded evaluation text)")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
+    evaluate.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all the text holds)")
+    evaluate.add_argument("--tasks", nargs="*", metavar="TASK", help="lm-eval tasks for zero-shot accuracy; given alone, the shipped offline task fxflatten_next_sentence (needs pip install 'fxflatten[eval]')")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most N examples per task (default: all)")
+    evaluate.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="export a model or an fxflatten output to ONNX, checked in ONNX Runtime")
     export.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, 'default', or a directory fxflatten wrote (model.pt2 or a checkpoint)")
@@ -137,8 +152,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # The ONNX exporter logs every optional op set it skips and every rewrite it applies.
-    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+    # The ONNX exporter logs every optional op set it skips and every rewrite it applies;
+    # lm-eval warns about every task option it fills in by default.
+    for name in ("torch.onnx", "onnxscript", "onnx_ir", "lm_eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
