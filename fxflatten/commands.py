@@ -153,6 +153,34 @@ def run_compress(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({report['format']})")
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    """fxflatten eval: held-out perplexity and, with --tasks, zero-shot accuracy of a model in memory."""
+    from torch.fx import GraphModule
+
+    from fxflatten.capture import MAX_LEN
+    from fxflatten.export.program import load_source
+    from fxflatten.harness import require_lm_eval, zero_shot
+
+    if args.tasks is not None:
+        require_lm_eval()  # before the model loads: a missing extra should not cost a load first
+    source, tokenizer = load_source(args.model)
+    graph = source if isinstance(source, GraphModule) else capture(source)
+    if args.seq_len > graph.meta[MAX_LEN]:
+        raise FxflattenError(f"--seq-len {args.seq_len} exceeds the model's context of {graph.meta[MAX_LEN]} tokens")
+    windows = evaluation_windows(tokenizer, args.text, args.windows, args.seq_len)
+    block_map = discover_blocks(graph)
+    result = perplexity(graph, windows, progress=True)
+    check_finite(result.value, "held-out perplexity")
+    print(f"{args.model}: {len(block_map.blocks)} layers, {block_map.total_parameters:,} parameters")
+    print(f"held-out perplexity {result}")
+    if args.tasks is not None:
+        scores = zero_shot(graph, tokenizer, args.tasks or None, limit=args.limit, progress=True)
+        print(format_table(
+            ["task", "acc", "stderr", "acc_norm", "examples"],
+            [[s.task, s.acc, s.acc_stderr, s.acc_norm, s.samples] for s in scores],
+        ))
+
+
 def run_export(args: argparse.Namespace) -> None:
     """fxflatten export: ONNX (checked in ONNX Runtime), the tokenizer and a report, into one directory."""
     from fxflatten.export.onnx import ONNX_FILE, to_onnx

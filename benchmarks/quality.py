@@ -1,0 +1,257 @@
+"""Quality at equal size on the default model: FlattenGPT against its baselines and a peer.
+
+For each ratio (share of all parameters removed) the groups are chosen once, as ``compress``
+chooses them, and every method removes the same parameters from the same dense model,
+calibrated on the same windows:
+
+- FlattenGPT: ``fxflatten.compress`` with its defaults on those groups;
+- ShortGPT: remove as many blocks, the ones of lowest Block Influence;
+- LaCo-style collapse: each group merged into one layer by parameter differences;
+- width-only: every block pruned in place by the same prune pass, same parameters removed
+  (this is also the ablation "prune without flattening");
+- torch-pruning (PyPI peer): its LLM magnitude recipe, if it runs with this transformers;
+- ablation "flatten without pruning": the groups flattened and widened, not pruned back (the
+  parallel form's own error; it keeps every parameter, so it is not at equal size).
+
+Scores: held-out perplexity on the default evaluation text and zero-shot accuracy on the
+shipped next-sentence task through lm-evaluation-harness (``GraphLM``).
+
+    python -m benchmarks.quality [--ratios 0.1 0.2 0.3] [--samples 16] [--seq-len 512]
+                                 [--eval-windows 8] [--items 20]
+
+Fewer calibration windows (16 x 512) than ``compress``'s default (64 x 512), 8 of the 38
+evaluation windows and 20 of the task's 200 items, so that the whole table regenerates in about
+30 minutes on two shared CPU cores; pass larger values for tighter numbers. Writes benchmarks/results/quality.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule
+
+from benchmarks.baselines import laco, torch_pruning_peer
+from benchmarks.baselines.width import uniform_plans
+from benchmarks.prune_ablation import shortgpt_blocks
+from fxflatten import PruneConfig, capture, discover_blocks, flatten, load_model
+from fxflatten.evaluate import perplexity
+from fxflatten.harness import TASK, zero_shot
+from fxflatten.passes.prune import PrunePass
+from fxflatten.passes.remove import RemoveBlocksPass
+from fxflatten.pipeline import plan_blocks
+from fxflatten.report import format_table
+from fxflatten.select import greedy_groups, hidden_similarity
+from fxflatten.text import calibration_windows, evaluation_windows
+
+RESULTS = Path(__file__).parent / "results"
+FLATTENGPT = "FlattenGPT (compress defaults)"
+PEER = "torch-pruning (peer)"
+WIDTH_ONLY = "width-only = prune without flattening"
+#: Rows that do not compete at equal size: the widened model keeps every parameter.
+ABLATIONS = ("ablation: flatten + widen, not pruned",)
+#: torch-pruning gets this long to prune; in this environment it never returns (see its module).
+PEER_TIMEOUT_S = 60
+
+
+@dataclass
+class Row:
+    ratio: float | None  # asked; None for the dense model
+    method: str
+    layers: int | None = None
+    parameters: int | None = None
+    removed: float | None = None  # achieved share of all parameters
+    perplexity: float | None = None
+    accuracy: float | None = None
+    accuracy_stderr: float | None = None
+    seconds: float | None = None  # time to build the compressed model
+    error: str | None = None
+
+
+class Bench:
+    """Scores graphs on the shared evaluation windows and task, and keeps the rows."""
+
+    def __init__(self, tokenizer, evaluation: torch.Tensor, items: int, total: int) -> None:
+        self.tokenizer, self.evaluation, self.items, self.total = tokenizer, evaluation, items, total
+        self.rows: list[Row] = []
+
+    def record(self, ratio: float | None, method: str, graph: GraphModule, seconds: float | None = None,
+               accuracy: bool = True) -> Row:
+        """One row; ``accuracy=False`` skips the task (the costlier score) for rows not at equal size."""
+        block_map = discover_blocks(graph)
+        score = zero_shot(graph, self.tokenizer, [TASK], limit=self.items)[0] if accuracy else None
+        row = Row(ratio, method, len(block_map.blocks), block_map.total_parameters,
+                  1 - block_map.total_parameters / self.total, perplexity(graph, self.evaluation).value,
+                  score and score.acc, score and score.acc_stderr, seconds)
+        self.rows.append(row)
+        print(row, flush=True)
+        return row
+
+
+def timed(build):
+    start = time.perf_counter()
+    result = build()
+    return result, time.perf_counter() - start
+
+
+def peer_graph(model: torch.nn.Module, ratio: float) -> GraphModule:
+    """torch-pruning's model at about ``ratio`` of parameters removed, captured like the others.
+
+    Its one ratio cuts hidden size and widths alike, so a block keeps about (1 - p)^2 of its
+    parameters: p = 1 - sqrt(1 - ratio).
+    """
+    return capture(torch_pruning_peer.prune(model, 1 - math.sqrt(1 - ratio), PEER_TIMEOUT_S))
+
+
+def run_ratio(bench: Bench, model, dense: GraphModule, calib: torch.Tensor, similarity: torch.Tensor,
+              ratio: float, peer_error: str | None) -> str | None:
+    """Every method at ``ratio``; returns torch-pruning's failure, if any, so it is tried once.
+
+    ``similarity`` is the dense model's (it does not depend on the ratio); the groups are chosen
+    from it as compress's default cosine selection chooses them.
+    """
+    dense_map = discover_blocks(dense)
+    block_parameters = [block.parameters for block in dense_map.blocks]
+    groups, _ = greedy_groups(similarity, block_parameters, dense_map.total_parameters, ratio)
+    # compress's own steps (select, flatten, prune back with the default config), taken one by
+    # one so that the widened graph also serves as the flatten-only ablation.
+    flat, flatten_s = timed(lambda: flatten(dense, groups=groups).graph)
+    plans = plan_blocks(dense_map, groups)
+    graph, prune_s = timed(lambda: PrunePass(calib, plans, PruneConfig(), reference=dense)(flat).graph_module)
+    flattengpt = bench.record(ratio, FLATTENGPT, graph, flatten_s + prune_s)
+    removed_blocks = sum(len(group) - 1 for group in groups)
+    removed_parameters = dense_map.total_parameters - flattengpt.parameters
+    graph, seconds = timed(lambda: RemoveBlocksPass(shortgpt_blocks(similarity, removed_blocks))(dense).graph_module)
+    bench.record(ratio, "ShortGPT (remove blocks by influence)", graph, seconds)
+    graph, seconds = timed(lambda: laco.collapse(dense, groups))
+    bench.record(ratio, "LaCo-style collapse (same groups)", graph, seconds)
+    plans = uniform_plans(dense_map, removed_parameters)
+    graph, seconds = timed(lambda: PrunePass(calib, plans, PruneConfig(), reference=dense)(dense).graph_module)
+    bench.record(ratio, WIDTH_ONLY, graph, seconds)
+    if peer_error is None:
+        try:
+            graph, seconds = timed(lambda: peer_graph(model, ratio))
+            bench.record(ratio, PEER, graph, seconds)
+        except torch_pruning_peer.PeerFailed as error:
+            peer_error = str(error)
+    if peer_error is not None:
+        bench.rows.append(Row(ratio, PEER, error=peer_error))
+    bench.record(ratio, ABLATIONS[0], flat, flatten_s, accuracy=False)
+    print(f"ratio {ratio}: groups {groups}", flush=True)
+    return peer_error
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """Per ratio: is FlattenGPT's perplexity the lowest of the methods at equal size?"""
+    lines = []
+    for ratio in sorted({r.ratio for r in rows if r.ratio is not None}):
+        at = [r for r in rows if r.ratio == ratio and r.perplexity is not None and r.method not in ABLATIONS]
+        ours = next(r for r in at if r.method == FLATTENGPT)
+        better = [r for r in at if r is not ours and r.perplexity <= ours.perplexity]
+        if better:
+            names = ", ".join(f"{r.method} ({r.perplexity:.2f})" for r in better)
+            lines.append(f"- ratio {ratio}: FlattenGPT {ours.perplexity:.2f} is NOT the lowest; lower or equal: {names}.")
+        else:
+            runner_up = min((r for r in at if r is not ours), key=lambda r: r.perplexity)
+            lines.append(f"- ratio {ratio}: FlattenGPT {ours.perplexity:.2f} is the lowest; next is {runner_up.method} ({runner_up.perplexity:.2f}).")
+    return lines
+
+
+def table(rows: list[Row]) -> str:
+    dense = rows[0].perplexity
+    return format_table(
+        ["ratio", "method", "layers", "parameters", "removed", "perplexity", "x dense", "next-sentence acc", "build s"],
+        [["-" if r.ratio is None else f"{r.ratio:.1f}", r.method, r.layers, r.parameters,
+          None if r.removed is None else f"{r.removed:.3f}", r.perplexity,
+          None if r.perplexity is None else f"{r.perplexity / dense:.2f}",
+          None if r.accuracy is None else f"{r.accuracy:.3f} ± {r.accuracy_stderr:.3f}",
+          None if r.seconds is None else f"{r.seconds:.0f}"] if r.error is None else
+         [f"{r.ratio:.1f}", r.method, None, None, None, None, None, None, "failed (below)"] for r in rows],
+    )
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    methods = dict.fromkeys(r.method for r in rows if r.ratio is not None and r.perplexity is not None)
+    for method in methods:
+        points = sorted((r.ratio, r.perplexity) for r in rows if r.method == method and r.perplexity is not None)
+        axes.plot(*zip(*points), marker="o", linestyle="--" if method in ABLATIONS else "-", label=method)
+    axes.axhline(rows[0].perplexity, color="black", linewidth=0.8, label="dense")
+    axes.set(xlabel="share of parameters removed (asked)", ylabel="held-out perplexity (log)", yscale="log",
+             title="SmolLM2-135M-Instruct: perplexity at equal size")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8, help="held-out perplexity windows (default 8)")
+    parser.add_argument("--items", type=int, default=20, help="next-sentence task items scored per model (default 20 of 200)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for quality.{md,json,png}")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("lm_eval", "torch_pruning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model, tokenizer = load_model("default")
+    calib = calibration_windows(tokenizer, None, args.samples, args.seq_len)
+    evaluation = evaluation_windows(tokenizer, None, args.eval_windows, args.seq_len)
+    dense = capture(model)
+    bench = Bench(tokenizer, evaluation, args.items, discover_blocks(dense).total_parameters)
+    bench.record(None, "dense", dense)
+    similarity, select_s = timed(lambda: hidden_similarity(dense, calib))
+    peer_error = None
+    for ratio in args.ratios:
+        peer_error = run_ratio(bench, model, dense, calib, similarity, ratio, peer_error)
+        # Written after every ratio, so that an interrupted run keeps what it measured.
+        write(bench.rows, args, evaluation, (time.perf_counter() - start) / 60, select_s)
+
+
+def write(rows: list[Row], args: argparse.Namespace, evaluation: torch.Tensor, minutes: float, select_s: float) -> None:
+    rows = sorted(rows, key=lambda r: -1 if r.ratio is None else r.ratio)  # stable: methods keep their order
+    text = table(rows)
+    errors = sorted({r.error for r in rows if r.error})
+    header = (
+        f"Default model (SmolLM2-135M-Instruct). Calibration: {args.samples} x {args.seq_len} tokens of the default "
+        f"calibration text (fewer than compress's default 64, to fit the run in about 30 minutes on 2 shared cores). Held-out perplexity on "
+        f"{evaluation.shape[0]} x {evaluation.shape[1]} = {evaluation.numel()} tokens of the default evaluation text. "
+        f"next-sentence acc: zero-shot accuracy (± standard error) on the first {args.items} of the 200 items of the "
+        f"shipped lm-eval task `{TASK}` (4 choices, chance 0.25; not scored for the widened ablation). build s: seconds to build the compressed model "
+        f"from the dense graph and the groups; measuring the hidden-state similarity that chooses the groups (and "
+        f"ShortGPT's blocks) took {select_s:.0f} s more, once for all ratios. Ratios done: "
+        f"{', '.join(str(r) for r in sorted({r.ratio for r in rows if r.ratio is not None}))} of "
+        f"{', '.join(map(str, args.ratios))}, after {minutes:.1f} minutes.\n\n"
+        "Regenerate: `python -m benchmarks.quality`\n"
+    )
+    body = [f"# Quality at equal size\n\n{header}\n```\n{text}\n```\n", "## FlattenGPT against the methods at equal size\n",
+            *verdicts(rows), ""]
+    if errors:
+        body += ["## torch-pruning\n", "It was tried once (its pruner is built before the ratio matters) and failed:\n",
+                 *[f"    {error}" for error in errors], ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quality.md").write_text("\n".join(body))
+    (args.out / "quality.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                       "minutes": minutes, "rows": [asdict(r) for r in rows]}, indent=2))
+    plot(rows, args.out / "quality.png")
+    print(text)
+    print("\n".join(verdicts(rows)))
+
+
+if __name__ == "__main__":
+    main()
