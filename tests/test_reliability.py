@@ -364,6 +364,9 @@ def test_a_run_killed_while_saving_leaves_the_old_output_or_none(sig, with_old_o
             time.sleep(0.001)
         process.wait(timeout=60)
     err = (tmp_path / "stderr").read_text()
+    if process.returncode == 0:  # the save finished before the signal landed (a loaded machine's race)
+        assert (out / "report.json").exists()
+        pytest.skip("the run finished before the signal arrived; nothing to check mid-save")
     # Killed mid-save: neither finished (0) nor failed for another reason.
     assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
     if with_old_output:
