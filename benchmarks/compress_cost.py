@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten.report import format_table
 from fxflatten.stages import Stages
 from fxflatten.text import calibration_windows
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """How the cost of compress grows: time and peak memory by stage, against calibration size and depth.
 
 Each configuration runs in a fresh process (peak RSS is a per-process high-water mark, so
-sharing one would hide later, smaller peaks) and goes through compress's own steps one by one
-so each gets its time: select (hidden-state similarity and the greedy groups), flatten (flatten,
-fold norms, fuse: graph rewrites), prune (calibration statistics block by block, and the refits).
+sharing one would hide later, smaller peaks) and runs ``compress``, which times its own steps:
+select (hidden-state similarity and the greedy groups), flatten (flatten, fold norms, fuse:
+graph rewrites), prune (calibration statistics block by block, and the refits).
 
 - calibration: the default model at ``--samples`` windows of ``--seq-len`` tokens;
 - depth: tiny random Llamas (tests/models.py) of ``--layers`` blocks on the same windows.
@@ -24,12 +24,9 @@ import sys
 
 import torch
 
-from benchmarks.compress_cost import RESULTS
-from fxflatten import capture, discover_blocks, flatten, load_model
-from fxflatten.passes.prune import PruneConfig, PrunePass
-from fxflatten.pipeline import plan_blocks
+from benchmarks.common import RESULTS
+from fxflatten import capture, compress, load_model
 from fxflatten.report import format_table
-from fxflatten.select import select_groups
 from fxflatten.stages import Stages
 from fxflatten.text import calibration_windows
 
@@ -41,15 +38,9 @@ TINY_WINDOWS, TINY_SEQ_LEN = 16, 128
 
 
 def measure(graph, calib: torch.Tensor, ratio: float) -> dict[str, dict[str, float]]:
-    """compress's steps, each timed: select groups, flatten them, prune them back (defaults)."""
+    """compress with its defaults, each step timed by compress itself: select, flatten, prune."""
     stages = Stages()
-    dense_map = discover_blocks(graph)
-    with stages("select"):
-        selection = select_groups(graph, calib, ratio, dense_map)
-    with stages("flatten"):
-        flat = flatten(graph, groups=selection.groups)
-    with stages("prune"):
-        PrunePass(calib, plan_blocks(dense_map, selection.groups), PruneConfig(), reference=graph)(flat.graph)
+    compress(graph, ratio, calib, stages=stages)
     return stages.as_dict()
 
 

@@ -17,20 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from fxflatten import PruneConfig, capture, discover_blocks, load_model
+from benchmarks.common import RESULTS, default_setup
+from fxflatten import PruneConfig, discover_blocks
 from fxflatten.evaluate import perplexity
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
 from fxflatten.pipeline import flatten, plan_blocks
 from fxflatten.report import format_table
 from fxflatten.select import select_groups
-from fxflatten.text import calibration_windows, evaluation_windows
-
-RESULTS = Path(__file__).parent / "results"
 
 CONFIGS = {
     "trajectory target, error-greedy heads, refit o_proj + down (default)": PruneConfig(target="trajectory", head_score="error"),
@@ -58,11 +55,8 @@ def main() -> None:
     parser.add_argument("--select", choices=["cosine", "error"], default="cosine", help="how the groups are chosen")
     parser.add_argument("--configs", nargs="*", help="run only the prune configurations whose names contain one of these")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tokenizer = load_model("default")
-    calib = calibration_windows(tokenizer, None, args.samples, args.seq_len)
-    evaluation = evaluation_windows(tokenizer, None, None, args.seq_len)
-    dense = capture(model)
+    setup = default_setup(args.samples, args.seq_len)
+    dense, calib, evaluation = setup.dense, setup.calib, setup.evaluation
     dense_map = discover_blocks(dense)
     total = dense_map.total_parameters
     rows = []
@@ -73,10 +67,7 @@ def main() -> None:
         rows.append({"method": method, "layers": len(discover_blocks(graph).blocks), "parameters": params,
                      "ratio": 1 - params / total, "perplexity": value, "seconds": seconds})
         print(rows[-1], flush=True)
-        if selection is not None:
-            write_results(args, selection.groups, evaluation.shape[0], rows)
 
-    selection = None
     record("dense", dense)
     selection = select_groups(dense, calib, args.ratio, dense_map, by=args.select)
     removed = sum(len(group) - 1 for group in selection.groups)
@@ -86,6 +77,8 @@ def main() -> None:
     plans = plan_blocks(dense_map, selection.groups)
     configs = {name: c for name, c in CONFIGS.items() if not args.configs or any(part in name for part in args.configs)}
     for name, config in configs.items():
+        # Written after every configuration, so that a long run leaves what it measured.
+        write_results(args, selection.groups, evaluation.shape[0], rows)
         start = time.perf_counter()
         pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
         record(name, pruned, time.perf_counter() - start)
@@ -93,7 +86,7 @@ def main() -> None:
 
 
 def write_results(args: argparse.Namespace, groups: list[list[int]], eval_windows: int, rows: list[dict]) -> str:
-    """Write the table so far (rewritten after every row, so a long run leaves what it measured)."""
+    """Write the table of ``rows`` (the measurements so far) and its JSON."""
     base = rows[0]["perplexity"]
     table = format_table(
         ["method", "layers", "parameters", "removed", "perplexity", "x dense"],

@@ -39,8 +39,9 @@ from torch.fx import GraphModule
 
 from benchmarks.baselines import laco, torch_pruning_peer
 from benchmarks.baselines.width import uniform_plans
+from benchmarks.common import RESULTS, default_setup
 from benchmarks.prune_ablation import shortgpt_blocks
-from fxflatten import PruneConfig, capture, discover_blocks, flatten, load_model
+from fxflatten import PruneConfig, capture, discover_blocks, flatten
 from fxflatten.evaluate import perplexity
 from fxflatten.harness import TASK, zero_shot
 from fxflatten.passes.prune import PrunePass
@@ -48,9 +49,6 @@ from fxflatten.passes.remove import RemoveBlocksPass
 from fxflatten.pipeline import plan_blocks
 from fxflatten.report import format_table
 from fxflatten.select import greedy_groups, hidden_similarity
-from fxflatten.text import calibration_windows, evaluation_windows
-
-RESULTS = Path(__file__).parent / "results"
 FLATTENGPT = "FlattenGPT (compress defaults)"
 PEER = "torch-pruning (peer)"
 WIDTH_ONLY = "width-only = prune without flattening"
@@ -208,11 +206,8 @@ def main() -> None:
     for name in ("lm_eval", "torch_pruning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     start = time.perf_counter()
-    torch.manual_seed(0)
-    model, tokenizer = load_model("default")
-    calib = calibration_windows(tokenizer, None, args.samples, args.seq_len)
-    evaluation = evaluation_windows(tokenizer, None, args.eval_windows, args.seq_len)
-    dense = capture(model)
+    setup = default_setup(args.samples, args.seq_len, args.eval_windows)
+    model, tokenizer, dense, calib, evaluation = setup.model, setup.tokenizer, setup.dense, setup.calib, setup.evaluation
     bench = Bench(tokenizer, evaluation, args.items, discover_blocks(dense).total_parameters)
     bench.record(None, "dense", dense)
     similarity, select_s = timed(lambda: hidden_similarity(dense, calib))

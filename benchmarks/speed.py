@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import RESULTS
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten.export import ort, to_onnx
 from fxflatten.export.hf import to_pretrained
 from fxflatten.report import format_table
 from fxflatten.text import calibration_windows
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def macs(config, tokens: int, past: int) -> int:

@@ -15,16 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import torch
-
-from fxflatten import capture, compress, discover_blocks, load_model
+from benchmarks.common import RESULTS, default_setup
+from fxflatten import compress, discover_blocks
 from fxflatten.evaluate import perplexity
 from fxflatten.report import format_table
-from fxflatten.text import calibration_windows, evaluation_windows
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -34,11 +29,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--widths", type=float, nargs="+", default=[1.25, 1.5])
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model, tokenizer = load_model("default")
-    calib = calibration_windows(tokenizer, None, args.samples, args.seq_len)
-    evaluation = evaluation_windows(tokenizer, None, None, args.seq_len)
-    dense = capture(model)
+    setup = default_setup(args.samples, args.seq_len)
+    dense, calib, evaluation = setup.dense, setup.calib, setup.evaluation
     total = discover_blocks(dense).total_parameters
     base = perplexity(dense, evaluation).value
     rows = []

@@ -104,8 +104,8 @@ def run_compress(args: argparse.Namespace) -> None:
         graph = capture(model)
         block_map = discover_blocks(graph)
     config = PruneConfig(target=args.target, head_score=args.head_score)
-    with stages("compress"):
-        result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group, select=args.select, progress=True)
+    result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group,
+                      select=args.select, progress=True, stages=stages)
     compressed_map = discover_blocks(result.graph)
     with stages("evaluate"):
         dense = perplexity(graph, evaluation, progress=True)

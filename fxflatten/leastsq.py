@@ -97,10 +97,12 @@ def prune_by_error(gram: torch.Tensor, cross: torch.Tensor, keep: int, ridge: fl
     Channels in ``always`` (a bias column) are kept and not counted.
     """
     fixed = always if always is not None else torch.empty(0, dtype=torch.long)
-    candidates = torch.tensor([i for i in range(gram.shape[0]) if i not in set(fixed.tolist())], dtype=torch.long)
-    for round_ in range(rounds):
-        left = rounds - round_
-        target = len(candidates) - -(-(len(candidates) - keep) // left)
+    free = torch.ones(gram.shape[0], dtype=torch.bool)
+    free[fixed] = False
+    candidates = free.nonzero().flatten()
+    for done in range(rounds):
+        # Drop an equal share of what is left to drop in each remaining round.
+        target = len(candidates) - -(-(len(candidates) - keep) // (rounds - done))
         if target >= len(candidates):
             break
         active = torch.cat([candidates, fixed])

@@ -19,6 +19,7 @@ from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass, PruneRepor
 from fxflatten.graph import discover_blocks
 from fxflatten.layout import BlockMap
 from fxflatten.select import Selection, select_groups
+from fxflatten.stages import Stages
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +101,30 @@ def plan_blocks(dense_map: BlockMap, groups: list[list[int]], width: float = 1.0
 
 def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None, calib: torch.Tensor | None = None, *,
              groups: list[list[int]] | None = None, config: PruneConfig = PruneConfig(), width: float = 1.0,
-             max_group: int | None = None, select: str = "cosine", progress: bool = False) -> CompressResult:
+             max_group: int | None = None, select: str = "cosine", progress: bool = False,
+             stages: Stages | None = None) -> CompressResult:
     """Select groups, flatten, fold, fuse, and prune each group back to ``width`` x one block.
 
     ``width=1.0`` gives a standard model with fewer layers (the paper). Calibration windows
-    ``calib`` (n, seq_len) drive both the selection and the pruning statistics.
+    ``calib`` (n, seq_len) drive both the selection and the pruning statistics. ``stages``, if
+    given, records the time and peak memory of each step (select, flatten, prune).
     """
     if calib is None:
         raise FxflattenError("compress needs calibration windows")
+    if groups is None and ratio is None:
+        raise FxflattenError("give either groups, or a ratio to choose them")
+    stages = stages or Stages()
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
-    flat = flatten(dense, groups=groups, ratio=ratio, calib=calib, max_group=max_group, select=select, width=width, progress=progress)
+    selection = None
+    if groups is None:
+        with stages("select"):
+            selection = select_groups(dense, calib, ratio, dense_map, max_group=max_group, progress=progress, by=select, width=width)
+        groups = selection.groups
+    with stages("flatten"):
+        flat = flatten(dense, groups=groups)
     plans = plan_blocks(dense_map, flat.groups, width)
     prune = PrunePass(calib, plans, config, reference=dense, progress=progress)
-    graph = prune(flat.graph).graph_module
-    return CompressResult(graph, flat.groups, flat.selection, plans, prune.report, flat.unfused)
+    with stages("prune"):
+        graph = prune(flat.graph).graph_module
+    return CompressResult(graph, flat.groups, selection, plans, prune.report, flat.unfused)

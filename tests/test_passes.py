@@ -129,6 +129,8 @@ def test_fold_norms_creates_a_bias_where_a_norm_shift_feeds_a_linear_without_one
     graph = capture(model)
     folded = run(FoldNormsPass(), graph)
     torch.testing.assert_close(logits(folded), logits(graph), **EXACT)
+    # The new bias nodes carry shape metadata like every other node, for passes that read it.
+    assert all("val" in node.meta for node in folded.graph.nodes if node.op in ("get_attr", "call_function"))
     created = shape.layers * (shape.heads * shape.head_dim + shape.width)
     assert parameter_count(folded) == parameter_count(graph) - layer_norm_parameters(model) + created
 

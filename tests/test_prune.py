@@ -10,7 +10,7 @@ from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
 from fxflatten.leastsq import prune_by_error, ridge_leverage, ridge_solve
-from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass
+from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
 from fxflatten.pipeline import compress, flatten, units_of
 from fxflatten.report import block_rows
 from tests.models import Shape, build
@@ -34,7 +34,7 @@ def test_pruning_that_keeps_everything_is_exact(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "qwen2", "handwritten"])
-@pytest.mark.parametrize("target", ["serial", "widened"])
+@pytest.mark.parametrize("target", ["trajectory", "serial", "widened"])
 def test_compress_prunes_each_group_back_to_one_block(family, target):
     shape = Shape(layers=4)
     graph = capture(build(family, shape))
@@ -72,6 +72,25 @@ def test_refits_toward_the_original_model_beat_the_widened_target():
         result = compress(graph, calib=calib, groups=[[1, 2], [3, 4]], config=PruneConfig(target=target))
         errors[target] = float((result.graph(calib, torch.ones_like(calib)) - dense).pow(2).mean())
     assert errors["serial"] < errors["widened"] and errors["trajectory"] < errors["widened"]
+
+
+def test_trajectory_starts_where_the_first_changed_block_does(monkeypatch):
+    """Before the first group the compressed stream is the original's, so the trajectory target
+    starts from it instead of rerunning the blocks before it, and for a single group it is the
+    serial target: the original blocks run on the same input."""
+    graph = capture(build("llama", Shape(layers=5)))
+    starts = []
+    advance = Reference.advance
+
+    def spy(self, origin):
+        starts.append(self.next_block)
+        return advance(self, origin)
+
+    monkeypatch.setattr(Reference, "advance", spy)
+    trajectory = compress(graph, calib=CALIB, groups=[[2, 3]], config=PruneConfig(target="trajectory")).graph
+    serial = compress(graph, calib=CALIB, groups=[[2, 3]], config=PruneConfig(target="serial")).graph
+    assert starts == [2]
+    torch.testing.assert_close(logits(trajectory), logits(serial), rtol=1e-4, atol=1e-5)
 
 
 def test_units_keep_block_order():
@@ -146,6 +165,9 @@ def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_pat
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "huggingface" and report["layers"]["after"] < report["layers"]["before"]
     assert 0 < report["ratio"]["achieved"] <= 0.3
+    # Each of compress's steps has its own time and memory, beside loading and evaluating.
+    assert {"load", "capture", "select", "flatten", "prune", "evaluate"} <= report["stages"].keys()
+    assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in report["stages"].values())
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == report["layers"]["after"]
     assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()} == source
     assert main(args) == 2  # the output exists: refused without --force

@@ -1,0 +1,38 @@
+"""What the benchmarks share: the default model with its calibration and evaluation windows.
+
+Every quality benchmark starts from the same seed, model and text, so their tables can be read
+side by side; results go under ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from transformers import PreTrainedTokenizerBase
+
+from fxflatten import capture, load_model
+from fxflatten.text import calibration_windows, evaluation_windows
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Setup:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    dense: GraphModule  # the captured dense model
+    calib: torch.Tensor  # (windows, seq_len) of the default calibration text
+    evaluation: torch.Tensor  # (windows, seq_len) of the default evaluation text
+
+
+def default_setup(samples: int, seq_len: int, eval_windows: int | None = None) -> Setup:
+    """The default model captured, ``samples`` calibration windows, and the evaluation windows."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model("default")
+    calib = calibration_windows(tokenizer, None, samples, seq_len)
+    evaluation = evaluation_windows(tokenizer, None, eval_windows, seq_len)
+    return Setup(model, tokenizer, capture(model), calib, evaluation)
