@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import RESULTS
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten.report import format_table
-from fxflatten.stages import Stages
+from fxflatten.stages import Stage, Stages
 from fxflatten.text import calibration_windows
 
 
@@ -46,9 +46,11 @@ def main() -> None:
                 for chunk in calib.split(4):
                     graph(chunk, torch.ones_like(chunk))
         forward.append(stages.done[-1])
+        steps = Stages()  # select, flatten and prune inside this compress
         with stages(f"compress #{repeat}"):
-            compress(graph, args.ratio, calib)
+            compress(graph, args.ratio, calib, stages=steps)
         compressing.append(stages.done[-1])
+        stages.done += [Stage(f"  {s.name} #{repeat}", s.seconds, s.peak_rss_mib) for s in steps.done]
     weights_mib = sum(p.numel() * p.element_size() for p in graph.parameters()) / 2**20
     layer_mib = calib.numel() * block_map.hidden_size * 4 / 2**20
     two = statistics.median(s.seconds for s in forward)
@@ -58,7 +60,7 @@ def main() -> None:
         "windows": args.samples, "seq_len": args.seq_len, "ratio": args.ratio, "repeats": args.repeats,
         "two_forward_seconds_median": two, "compress_seconds_median": comp, "compress_over_two_forward": comp / two,
         "compress_peak_rss_mib": peak, "float32_weights_mib": weights_mib, "one_layer_activations_mib": layer_mib,
-        "peak_over_weights_plus_layer": peak / (weights_mib + layer_mib),
+        "peak_over_two_weights_plus_layer": peak / (2 * weights_mib + layer_mib),
         "stages": stages.as_dict(),
     }
     table = format_table(["measure", "value"], [
@@ -73,9 +75,11 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "compress_cost.md").write_text(
         f"# Cost of compress on the default model\n\n{args.samples} windows x {args.seq_len} tokens, --ratio {args.ratio}, "
-        f"{args.repeats} repeat(s), measured side by side in one process. Regenerate: python -m benchmarks.compress_cost\n\n```\n{table}\n```\n")
+        f"{args.repeats} repeat(s), measured side by side in one process. Regenerate: python -m benchmarks.compress_cost\n\n```\n{table}\n```\n\n"
+        f"By stage (peak RSS of the whole process while the stage ran):\n\n```\n{stages.table()}\n```\n")
     (RESULTS / "compress_cost.json").write_text(json.dumps(summary, indent=2))
     print(table)
+    print(stages.table())
 
 
 if __name__ == "__main__":
