@@ -151,7 +151,8 @@ def greedy_groups(similarity: torch.Tensor, block_parameters: list[int], total_p
     target = ratio * total_parameters
 
     def removed(groups: list[list[int]]) -> int:
-        return sum(group_removes([block_parameters[i] for i in g], width) for g in groups)
+        # A lone block is left as it is: it removes nothing, whatever the width.
+        return sum(group_removes([block_parameters[i] for i in g], width) for g in groups if len(g) > 1)
 
     while True:
         candidates = [

@@ -26,7 +26,7 @@ from fxflatten.capture import capture, recapture
 from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
-from fxflatten.select import greedy_groups, hidden_similarity
+from fxflatten.select import greedy_groups, group_removes, hidden_similarity
 from tests.models import FAMILIES, NO_GQA, VOCAB, Shape, build
 
 # Float32 tolerances for "exact" rewrites. Fold and flatten reorder a few roundings; fuse turns
@@ -447,6 +447,19 @@ def test_greedy_groups_with_a_wider_width_merges_more_groups_for_the_same_ratio(
     sim = similarity(6, {(0, 1): 0.8, (3, 4): 0.95, (4, 5): 0.9})
     # Pruned back to 1.5 blocks, a pair removes half a block: two pairs for 10% of the model.
     assert greedy_groups(sim, BLOCKS, 1000, ratio=0.1, width=1.5) == ([[0, 1], [3, 4]], 100)
+
+
+@given(
+    similarities=st.lists(st.floats(0, 1), min_size=12 * 13, max_size=12 * 13),
+    ratio=st.floats(0.05, 0.6),
+    width=st.floats(1.0, 1.9),
+)
+def test_greedy_groups_never_overshoots_the_ratio_at_any_width(similarities, ratio, width):
+    sim = torch.tensor(similarities).reshape(13, 12)[:12]
+    parameters = [100] * 12
+    groups, removed = greedy_groups(sim, parameters, 1500, ratio, width=width)
+    assert removed == sum(group_removes([100] * len(g), width) for g in groups)
+    assert removed <= ratio * 1500
 
 
 def test_greedy_groups_grows_a_group_only_when_its_far_end_similarity_is_highest():
