@@ -77,7 +77,7 @@ def run_flatten(args: argparse.Namespace) -> None:
         [["dense", len(block_map.blocks), block_map.total_parameters, dense.value],
          ["flattened + widened", len(widened_map.blocks), widened_map.total_parameters, widened.value]],
     ))
-    print(f"held-out perplexity on {dense}")
+    print(f"held-out perplexity measured on {dense.measured_on}")
     print(stages.table())
     print(f"wrote {args.out}")
 
@@ -148,7 +148,7 @@ def run_compress(args: argparse.Namespace) -> None:
          ["compressed", len(compressed_map.blocks), compressed_map.total_parameters, compressed.value, compressed.value / dense.value]],
     ))
     print(f"groups {result.groups}; removed {removed / block_map.total_parameters:.3f} of parameters (asked {args.ratio})")
-    print(f"held-out perplexity on {dense}")
+    print(f"held-out perplexity measured on {dense.measured_on}")
     print(stages.table())
     print(f"wrote {out} ({report['format']})")
 

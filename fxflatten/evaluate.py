@@ -19,7 +19,11 @@ class Perplexity:
     seq_len: int
 
     def __str__(self) -> str:
-        return f"{self.value:.3f} ({self.windows} windows of {self.seq_len} tokens, {self.tokens} predicted)"
+        return f"{self.value:.3f} ({self.measured_on})"
+
+    @property
+    def measured_on(self) -> str:
+        return f"{self.windows} windows of {self.seq_len} tokens, {self.tokens} predicted"
 
 
 @torch.no_grad()
