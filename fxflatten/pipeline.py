@@ -40,23 +40,28 @@ def as_graph(model_or_graph: nn.Module | GraphModule) -> GraphModule:
 
 def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | None = None,
             ratio: float | None = None, calib: torch.Tensor | None = None, *,
-            max_group: int | None = None, select: str = "cosine", width: float = 1.0, progress: bool = False) -> FlattenResult:
+            max_group: int | None = None, select: str = "cosine", width: float = 1.0, progress: bool = False,
+            stages: Stages | None = None) -> FlattenResult:
     """Flatten groups of adjacent blocks into parallel form, fold their norms and widen them.
 
     Give ``groups`` (lists of adjacent block indices) or ``ratio`` and ``calib`` (token windows,
     shape (n, seq_len)) to choose them by hidden-state similarity (enough groups to remove
     ``ratio`` once each is pruned back to ``width`` blocks). The result is exact to the
-    parallel form; it is wider, not smaller (pruning back is the next step).
+    parallel form; it is wider, not smaller (pruning back is the next step). ``stages``, if
+    given, records the time and peak memory of each step (select, flatten).
     """
+    stages = stages or Stages()
     graph = as_graph(model_or_graph)
     selection = None
     if groups is None:
         if ratio is None or calib is None:
             raise FxflattenError("give either groups, or a ratio and calibration windows to choose them")
-        selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress, by=select, width=width)
+        with stages("select"):
+            selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress, by=select, width=width)
         groups = selection.groups
     fuse = FusePass()
-    result = run_passes(graph, [FlattenPass(groups), FoldNormsPass(parallel_only=True), fuse])
+    with stages("flatten"):
+        result = run_passes(graph, [FlattenPass(groups), FoldNormsPass(parallel_only=True), fuse])
     return FlattenResult(result, [list(g) for g in groups], selection, dict(fuse.skipped))
 
 
@@ -111,20 +116,12 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
     """
     if calib is None:
         raise FxflattenError("compress needs calibration windows")
-    if groups is None and ratio is None:
-        raise FxflattenError("give either groups, or a ratio to choose them")
     stages = stages or Stages()
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
-    selection = None
-    if groups is None:
-        with stages("select"):
-            selection = select_groups(dense, calib, ratio, dense_map, max_group=max_group, progress=progress, by=select, width=width)
-        groups = selection.groups
-    with stages("flatten"):
-        flat = flatten(dense, groups=groups)
+    flat = flatten(dense, groups, ratio, calib, max_group=max_group, select=select, width=width, progress=progress, stages=stages)
     plans = plan_blocks(dense_map, flat.groups, width)
     prune = PrunePass(calib, plans, config, reference=dense, progress=progress)
     with stages("prune"):
         graph = prune(flat.graph).graph_module
-    return CompressResult(graph, flat.groups, selection, plans, prune.report, flat.unfused)
+    return CompressResult(graph, flat.groups, flat.selection, plans, prune.report, flat.unfused)
