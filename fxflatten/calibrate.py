@@ -140,3 +140,26 @@ class SegmentRunner:
 def batches_of(windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Token windows as (input_ids, attention_mask) batches."""
     return [(chunk, torch.ones_like(chunk)) for chunk in windows.split(batch_size)]
+
+
+class StreamSlots:
+    """Every batch's stream held in one preallocated tensor and overwritten block by block.
+
+    A stream computed per batch and kept across blocks is a long-lived allocation made between
+    a block's large short-lived intermediates; with glibc's allocator each one pins the freed
+    holes around it, and the process grew to twice its live tensors. One buffer allocated up
+    front, with each block's output copied into its batch's slot, leaves nothing long-lived
+    among the intermediates. The stream value of each environment is a view of its slot.
+    """
+
+    def __init__(self, envs: list[dict[str, object]], name: str) -> None:
+        values = [env[name] for env in envs]
+        self.slots = list(torch.cat(values).split([value.shape[0] for value in values]))
+        for env, slot in zip(envs, self.slots):
+            env[name] = slot
+
+    def store(self, index: int, env: dict[str, object], name: str) -> None:
+        """Move batch ``index``'s value ``name`` (the stream a block left) into its slot."""
+        slot = self.slots[index]
+        slot.copy_(env[name])
+        env[name] = slot

@@ -31,12 +31,14 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0) -> torch.Tensor:
     eigendecomposition. A ridge this large (the condition number is at most n / ridge + 1)
     makes float32 accurate enough to rank channels, at half the time of float64.
     """
-    gram = gram.float()
-    lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    factor = torch.linalg.cholesky(gram + lam * eye)
-    inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
-    return 1 - lam * inverse_factor.pow(2).sum(0)
+    shifted = gram.to(torch.float32, copy=True)  # the caller's moments stay as they are
+    lam = ridge * shifted.diagonal().mean().clamp(min=1e-12)
+    shifted.diagonal().add_(lam)
+    factor = torch.linalg.cholesky(shifted)
+    del shifted  # n x n matrices are 38 MiB each for the default model's widened MLP; hold few
+    inverse_factor = torch.linalg.solve_triangular(factor, torch.eye(gram.shape[0], dtype=factor.dtype), upper=False)
+    del factor
+    return 1 - lam * inverse_factor.pow_(2).sum(0)
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:

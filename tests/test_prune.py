@@ -1,18 +1,22 @@
 """PrunePass and compress(): exact when keeping everything, shapes right when pruning, HF output."""
 
 import json
+import tempfile
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import fxflatten.passes.prune as prune_pass
 from fxflatten import FxflattenError, capture, discover_blocks
+from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
 from fxflatten.leastsq import prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
 from fxflatten.pipeline import compress, flatten, units_of
 from fxflatten.report import block_rows
+from fxflatten.spill import Spill
 from tests.models import Shape, build
 
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -82,15 +86,53 @@ def test_trajectory_starts_where_the_first_changed_block_does(monkeypatch):
     starts = []
     advance = Reference.advance
 
-    def spy(self, origin):
+    def spy(self, origin, seed=None):
         starts.append(self.next_block)
-        return advance(self, origin)
+        return advance(self, origin, seed)
 
     monkeypatch.setattr(Reference, "advance", spy)
     trajectory = compress(graph, calib=CALIB, groups=[[2, 3]], config=PruneConfig(target="trajectory")).graph
     serial = compress(graph, calib=CALIB, groups=[[2, 3]], config=PruneConfig(target="serial")).graph
     assert starts == [2]
     torch.testing.assert_close(logits(trajectory), logits(serial), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_reference_keeps_its_stream_and_targets_on_disk():
+    """Only the side inputs stay in memory; the spilled targets are the original model's own."""
+    graph = capture(build("llama", Shape(layers=4)))
+    batches = batches_of(CALIB, 4)
+    runner = SegmentRunner(graph, segments(graph, discover_blocks(graph)))
+    envs = runner.start(batches)
+    for index in range(4):  # prologue and blocks 0..2
+        runner.run(index, envs)
+    after_block_2 = block_boundaries(graph, discover_blocks(graph))[3]
+    with Spill() as spill:
+        reference = Reference(graph, batches, spill, trajectory=True)
+        reference.run((1, 2), [])
+        assert all(set(env) <= side for env, side in zip(reference.envs, reference.side))
+        for index, env in enumerate(envs):
+            torch.testing.assert_close(reference.target(index, "stream"), env[after_block_2], rtol=0, atol=0)
+        directory = spill.directory
+    assert not directory.exists()
+
+
+def test_prune_removes_its_spill_even_when_it_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    spilled = []
+    put = Spill.put
+    monkeypatch.setattr(Spill, "put", lambda self, key, tensor: (spilled.append(key), put(self, key, tensor)))
+    graph = capture(build("llama", Shape(layers=4)))
+    compress(graph, calib=CALIB, groups=[[1, 2]])
+    assert spilled and list(tmp_path.iterdir()) == []
+
+    def fail(*args, **kwargs):
+        raise FxflattenError("refit failed")
+
+    monkeypatch.setattr(prune_pass, "refit_output", fail)
+    with pytest.raises(FxflattenError, match="refit failed"):
+        compress(graph, calib=CALIB, groups=[[1, 2]])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_units_keep_block_order():

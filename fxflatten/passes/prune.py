@@ -31,7 +31,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
-from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
+from fxflatten.calibrate import SegmentRunner, StreamSlots, batches_of, block_boundaries, segments
 from fxflatten.channels import rescale_constants
 from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks, linear_input, to_digraph
@@ -39,6 +39,7 @@ from fxflatten.layout import Block, Branch, Linear, Projection
 from fxflatten.leastsq import greedy_groups_by_error, group_energy, prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.numerics import check_finite
 from fxflatten.passes.base import GraphPass, editable_copy, finish
+from fxflatten.spill import Spill
 from fxflatten.tensors import bias, set_tensor, set_weight, weight
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,10 @@ class Moments:
         x = x.flatten(0, -2).float()
         if self.with_bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        gram = (x.T @ x).double()
-        self.gram = gram if self.gram is None else self.gram + gram
+        # Accumulated in place: the wide MLP's float64 Gram matrix is 75 MiB on the default model.
+        self.gram = accumulate(self.gram, x.T @ x)
         if y is not None:
-            cross = (x.T @ y.flatten(0, -2).float()).double()
-            self.cross = cross if self.cross is None else self.cross + cross
+            self.cross = accumulate(self.cross, x.T @ y.flatten(0, -2).float())
         self.tokens += x.shape[0]
 
     def check(self, what: str) -> None:
@@ -100,6 +100,11 @@ class Moments:
             w = weight(gm, linear)
             full = torch.cat([w, bias(gm, linear)[:, None]], 1) if self.with_bias else w
             self.cross = self.gram @ full.double().T
+
+
+def accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    """``total + term`` in float64, adding into ``total`` itself."""
+    return term.double() if total is None else total.add_(term)
 
 
 @dataclass
@@ -175,32 +180,34 @@ class PrunePass(GraphPass):
         batches = batches_of(self.windows, self.config.batch_size)
         envs = runner.start(batches)
         runner.run(0, envs)
-        reference = None
-        if self.config.target != "widened":
-            reference = Reference(self.reference, batches, trajectory=self.config.target == "trajectory")
         boundaries = block_boundaries(gm, block_map)
+        stream = StreamSlots(envs, boundaries[0])
         dag = to_digraph(gm)
-        blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
-        for block, plan in zip(blocks, self.plans):
-            part = parts[block.index + 1]
-            before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
-            attention_nodes = [node for node in part.nodes if node.name in before_mlp]
-            mlp_nodes = [node for node in part.nodes if node.name not in before_mlp]
-            if reference and plan.origin and (plan.kv_heads is not None or plan.width is not None):
-                pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
-                serial = reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine)
-            else:
-                serial = None
-            self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, serial)
-            for env in envs:
-                runner.run_nodes(attention_nodes, env, {})
-            self.prune_mlp(gm, nodes, block, plan, envs, runner, mlp_nodes, serial)
-            for env in envs:
-                runner.run_nodes(mlp_nodes, env, {})
-                runner.drop(block.index + 1, env)
+        with Spill() as spill:
+            reference = None
+            if self.config.target != "widened":
+                reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory")
+            blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
+            for block, plan in zip(blocks, self.plans):
+                part = parts[block.index + 1]
+                before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
+                attention_nodes = [node for node in part.nodes if node.name in before_mlp]
+                targets = None
+                if reference and plan.origin and (plan.kv_heads is not None or plan.width is not None):
+                    pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
+                    reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine)
+                    targets = reference
+                # Statistics passes run on a scratch copy of each batch's values, so that between
+                # batches only the stream entering the block is held, never the block's insides.
+                self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
+                self.prune_mlp(gm, nodes, block, plan, envs, runner, part.nodes, targets)
+                for index, env in enumerate(envs):
+                    runner.run_nodes(part.nodes, env, {})
+                    runner.drop(block.index + 1, env)
+                    stream.store(index, env, boundaries[block.index + 1])
         return PassResult(finish(gm), True)
 
-    def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, serial) -> None:
+    def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
         branch = single(block.attention, "attention")
         layout = branch.attention
         if plan.kv_heads is None or plan.kv_heads == layout.num_kv_heads:
@@ -211,8 +218,8 @@ class PrunePass(GraphPass):
         moments = Moments(with_bias=layout.o.bias is not None)
         x_node = linear_input(nodes[layout.o.node], layout.o)
         for index, env in enumerate(envs):
-            watch = {x_node.name: lambda node, value, i=index: moments.add(value, serial_target(serial, i, "attention"))}
-            runner.run_nodes(part_nodes, env, watch)
+            target = None if targets is None else targets.target(index, "attention")
+            runner.run_nodes(part_nodes, dict(env), {x_node.name: lambda node, value: moments.add(value, target)})
         moments.check(f"block {block.index}: attention statistics")
         w = weight(gm, layout.o)
         moments.default_target(gm, layout.o)
@@ -233,7 +240,7 @@ class PrunePass(GraphPass):
         ridge = refit_output(gm, layout.o, keep_columns, moments, config.fit_ridge, config.refit_attention)
         self.report.blocks.setdefault(block.index, {}).update(kv_groups_kept=keep_groups, attention_ridge=ridge)
 
-    def prune_mlp(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, serial) -> None:
+    def prune_mlp(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
         branch = single(block.mlp, "MLP")
         layout = branch.mlp
         if plan.width is None or plan.width == layout.width:
@@ -245,10 +252,12 @@ class PrunePass(GraphPass):
         x_node = linear_input(nodes[layout.down.node], layout.down)
         stream_in = branch.stream_in
         for index, env in enumerate(envs):
-            def observe(node, value, i=index, env=env):
-                target = serial_target(serial, i, "output")
-                moments.add(value, None if target is None else target - env[stream_in])
-            runner.run_nodes(part_nodes, env, {x_node.name: observe})
+            scratch = dict(env)
+            target = None if targets is None else targets.target(index, "stream")
+
+            def observe(node, value):
+                moments.add(value, None if target is None else target - scratch[stream_in])
+            runner.run_nodes(part_nodes, scratch, {x_node.name: observe})
         moments.check(f"block {block.index}: MLP statistics")
         moments.default_target(gm, layout.down)
         channels = layout.width
@@ -272,33 +281,38 @@ def single(stage: tuple[Branch, ...], what: str) -> Branch:
     return stage[0]
 
 
-def serial_target(serial: list[dict[str, torch.Tensor]] | None, index: int, key: str) -> torch.Tensor | None:
-    return None if serial is None else serial[index][key]
-
-
 class Reference:
-    """The original graph, run on the compressed stream to give serial targets.
+    """The original graph, run alongside the compressed one to give refit targets.
 
     For a block that replaces original blocks a..b, the original blocks a..b run in series on
     the input the compressed block receives; the sum of their attention outputs and the stream
     they leave are the targets. With ``trajectory`` the original model instead runs on its own
     stream, so the targets are what the original model computes at that depth, and a refit
     also pulls back the error the earlier compressed blocks left. It keeps its own per-batch
-    environments with the side inputs (masks, rotary tables) its prologue computed.
+    environments with the side inputs (masks, rotary tables) its prologue computed; its stream
+    and the targets live in ``spill``, on disk, one batch in memory at a time.
     """
 
-    def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], trajectory: bool = False) -> None:
+    def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], spill: Spill,
+                 trajectory: bool = False) -> None:
         self.map = discover_blocks(graph)
         self.parts = segments(graph, self.map)
         self.runner = SegmentRunner(graph, self.parts)
         self.boundaries = block_boundaries(graph, self.map)
+        self.spill = spill
         self.envs = self.runner.start(batches)
         self.runner.run(0, self.envs)
+        for index, env in enumerate(self.envs):
+            spill.put(f"stream-{index}", env.pop(self.boundaries[0]))
         self.side = [set(env) for env in self.envs]
         self.trajectory = trajectory
         self.next_block = 0
 
-    def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor], pristine: bool = False) -> list[dict[str, torch.Tensor]]:
+    def target(self, index: int, key: str) -> torch.Tensor:
+        """Batch ``index``'s target from the last :meth:`run`: ``"attention"`` or ``"stream"``."""
+        return self.spill.get(f"{key}-{index}")
+
+    def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor], pristine: bool = False) -> None:
         """Run original blocks ``origin`` in series on each batch's stream ``inputs``.
 
         ``pristine`` says no block before ``origin`` was changed, so ``inputs`` is also the
@@ -306,39 +320,35 @@ class Reference:
         original blocks before it a second time.
         """
         if self.trajectory:
+            seed = None
             if pristine and self.next_block == 0:
-                for env, stream in zip(self.envs, inputs):
-                    env[self.boundaries[origin[0]]] = stream
+                seed = inputs
                 self.next_block = origin[0]
-            return self.advance(origin)
-        results = []
-        for stream, ref_env, side in zip(inputs, self.envs, self.side):
-            ref_env[self.boundaries[origin[0]]] = stream
-            attention = []
-            watch = {}
-            for index in origin:
-                for branch in self.map.blocks[index].attention:
-                    watch[branch.output] = lambda node, value: attention.append(value)
-            for index in origin:
-                self.runner.run_nodes(self.parts[index + 1].nodes, ref_env, watch)
-            results.append({"attention": sum(attention), "output": ref_env[self.boundaries[origin[-1] + 1]]})
-            for name in list(ref_env):
+            self.advance(origin, seed)
+            return
+        for index, (stream, env, side) in enumerate(zip(inputs, self.envs, self.side)):
+            env[self.boundaries[origin[0]]] = stream
+            self.run_blocks(index, env, range(origin[0], origin[-1] + 1), origin)
+            for name in list(env):
                 if name not in side:
-                    del ref_env[name]
-        return results
+                    del env[name]
 
-    def advance(self, origin: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
-        """Run the original model on its own stream up to the end of ``origin``."""
+    def advance(self, origin: tuple[int, ...], seed: list[torch.Tensor] | None = None) -> None:
+        """Run the original model on its own stream (or ``seed``) up to the end of ``origin``."""
         if origin[0] < self.next_block:
             raise FxflattenError("trajectory targets need the blocks in order")
-        watch_names = {branch.output for index in origin for branch in self.map.blocks[index].attention}
-        results = []
-        for env in self.envs:
-            attention = []
-            watch = {name: lambda node, value: attention.append(value) for name in watch_names}
-            for index in range(self.next_block, origin[-1] + 1):
-                self.runner.run_nodes(self.parts[index + 1].nodes, env, watch if index in origin else {})
-                self.runner.drop(index + 1, env)
-            results.append({"attention": sum(attention), "output": env[self.boundaries[origin[-1] + 1]]})
+        for index, env in enumerate(self.envs):
+            env[self.boundaries[self.next_block]] = seed[index] if seed is not None else self.target(index, "stream")
+            self.run_blocks(index, env, range(self.next_block, origin[-1] + 1), origin)
         self.next_block = origin[-1] + 1
-        return results
+
+    def run_blocks(self, index: int, env: dict[str, object], blocks: range, origin: tuple[int, ...]) -> None:
+        """Run ``blocks`` on batch ``index``; spill the stream they leave and ``origin``'s attention."""
+        watch_names = {branch.output for block in origin for branch in self.map.blocks[block].attention}
+        attention = []
+        watch = {name: lambda node, value: attention.append(value) for name in watch_names}
+        for block in blocks:
+            self.runner.run_nodes(self.parts[block + 1].nodes, env, watch if block in origin else {})
+            self.runner.drop(block + 1, env)
+        self.spill.put(f"attention-{index}", sum(attention))
+        self.spill.put(f"stream-{index}", env.pop(self.boundaries[blocks[-1] + 1]))

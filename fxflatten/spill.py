@@ -1,0 +1,42 @@
+"""Per-batch activations kept on disk instead of in memory while pruning.
+
+Pruning toward the original model's outputs needs, for every calibration batch, the original
+model's own stream and the targets it gives at the current depth, next to the compressed
+model's stream. Held in memory, that is three more copies of a layer's calibration
+activations (0.4 GiB for 128 x 512 tokens of a 576-wide model, 13 GiB for 128 x 2048 tokens of
+a 4096-wide one); on disk, only the batch being used is. Each batch is read back whole once per
+pass, so the cost is sequential I/O the page cache usually absorbs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class Spill:
+    """A temporary directory of tensors by key, removed by :meth:`close` (use it as a context manager)."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="fxflatten-spill-"))
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.pt"
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        torch.save(tensor.contiguous(), self.path(key))
+
+    def get(self, key: str) -> torch.Tensor:
+        return torch.load(self.path(key), weights_only=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
