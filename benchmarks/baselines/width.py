@@ -11,15 +11,20 @@ from fxflatten.layout import BlockMap
 from fxflatten.passes.prune import BlockPlan
 
 
-def uniform_plans(block_map: BlockMap, removed: int) -> list[BlockPlan]:
-    """Plans removing about ``removed`` parameters, spread evenly over all blocks.
+def uniform_plans(block_map: BlockMap, removed: int, only: set[int] | None = None) -> list[BlockPlan]:
+    """Plans removing about ``removed`` parameters, spread evenly over all blocks (or ``only`` these).
 
     A block first loses whole KV groups in proportion to its share (rounded, never more than the
-    share allows), then MLP channels for the rest of its share.
+    share allows), then MLP channels for the rest of its share. Blocks outside ``only`` are left
+    as they are.
     """
     plans = []
-    share = removed / len(block_map.blocks)
+    chosen = [block for block in block_map.blocks if only is None or block.index in only]
+    share = removed / len(chosen)
     for block in block_map.blocks:
+        if block not in chosen:
+            plans.append(BlockPlan(None, None, (block.index,)))
+            continue
         attention, mlp = block.attention[0], block.mlp[0]
         kv = attention.attention.num_kv_heads
         per_group = attention.parameters / kv
@@ -28,4 +33,3 @@ def uniform_plans(block_map: BlockMap, removed: int) -> list[BlockPlan]:
         drop_channels = round((share - drop_groups * per_group) / per_channel)
         plans.append(BlockPlan(kv - drop_groups, mlp.mlp.width - drop_channels, (block.index,)))
     return plans
-

@@ -1,0 +1,87 @@
+"""Splitting one parameter budget between flattening and width pruning, on the default model.
+
+At ``--ratio`` 0.3 flattening alone merges 21 of 30 blocks and loses to width-only pruning
+(benchmarks/results/quality.md). Here flattening takes only ``--flatten`` of all parameters
+(groups chosen as compress chooses them), and the rest of the budget is taken by width-pruning
+every block outside the groups evenly, in the same prune pass (same refit, same targets): one
+compressed graph per split, each with the same parameters removed (the ratio). A split of 0 is
+width-only; a split equal to the ratio is FlattenGPT, with the few parameters that block
+quantisation leaves width-pruned too. Same calibration and evaluation windows as the quality
+table.
+
+    python -m benchmarks.split [--ratios 0.2 0.3] [--splits 0 0.05 0.1 0.2] [--samples 16]
+
+Writes benchmarks/results/split.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmarks.baselines.width import uniform_plans
+from benchmarks.common import RESULTS, default_setup
+from fxflatten import discover_blocks
+from fxflatten.evaluate import perplexity
+from fxflatten.passes.prune import PruneConfig, PrunePass
+from fxflatten.pipeline import flatten, plan_blocks
+from fxflatten.report import format_table
+from fxflatten.select import greedy_groups, hidden_similarity
+
+
+def split_plans(dense_map, groups: list[list[int]], ratio: float) -> list:
+    """compress's plans for ``groups``, with the rest of ``ratio`` width-pruned from the other blocks."""
+    grouped = {index for group in groups for index in group}
+    removed = sum(dense_map.blocks[index].parameters for group in groups for index in group[1:])
+    rest = ratio * dense_map.total_parameters - removed
+    singles = [block.index for block in dense_map.blocks if block.index not in grouped]
+    width = uniform_plans(dense_map, rest, only=set(singles)) if rest > 0 else None
+    plans = []
+    for plan in plan_blocks(dense_map, groups):
+        plans.append(width[plan.origin[0]] if width and len(plan.origin) == 1 else plan)
+    return plans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.3])
+    parser.add_argument("--splits", type=float, nargs="*", default=[0.0, 0.05, 0.1, 0.2])
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=8)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    setup = default_setup(args.samples, args.seq_len, args.eval_windows)
+    dense_map = discover_blocks(setup.dense)
+    dense_ppl = perplexity(setup.dense, setup.evaluation).value
+    similarity = hidden_similarity(setup.dense, setup.calib)
+    block_parameters = [block.parameters for block in dense_map.blocks]
+    rows = []
+    for ratio in args.ratios:
+        for split in sorted({s for s in args.splits if s < ratio} | {ratio}):
+            groups = greedy_groups(similarity, block_parameters, dense_map.total_parameters, split)[0] if split > 0 else []
+            flat = flatten(setup.dense, groups=groups).graph
+            graph = PrunePass(setup.calib, split_plans(dense_map, groups, ratio), PruneConfig(), reference=setup.dense)(flat).graph_module
+            parameters = sum(p.numel() for p in graph.parameters())
+            value = perplexity(graph, setup.evaluation).value
+            rows.append({"ratio": ratio, "flatten": split, "layers": len(discover_blocks(graph).blocks), "groups": groups,
+                         "removed": 1 - parameters / dense_map.total_parameters, "perplexity": value, "x_dense": value / dense_ppl})
+            print(rows[-1], flush=True)
+    table = format_table(["ratio", "flattened share", "layers", "removed", "perplexity", "x dense"],
+                         [[r["ratio"], r["flatten"], r["layers"], r["removed"], r["perplexity"], r["x_dense"]] for r in rows])
+    minutes = (time.perf_counter() - start) / 60
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "split.md").write_text(
+        f"# Splitting the budget between flattening and width pruning\n\n"
+        f"Default model; calibration {args.samples} x {args.seq_len} tokens, held-out perplexity on {args.eval_windows} x "
+        f"{args.seq_len} tokens (dense {dense_ppl:.2f}), as in quality.md. Flattened share: the part of the ratio taken "
+        f"by flattening (0: width-only; equal to the ratio: FlattenGPT, topped up to the exact ratio); the rest is "
+        f"width-pruned evenly from the unmerged blocks, so every row removes the same parameters. "
+        f"{minutes:.1f} minutes. Regenerate: `python -m benchmarks.split`\n\n```\n{table}\n```\n")
+    (RESULTS / "split.json").write_text(json.dumps({"args": vars(args), "dense_perplexity": dense_ppl, "rows": rows}, indent=2))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
