@@ -9,6 +9,7 @@ import transformers
 
 from fxflatten import capture
 from fxflatten.cli import main
+from fxflatten.evaluate import perplexity
 from fxflatten.export.program import save_program
 from fxflatten.harness import next_sentence
 from tests.checkpoints import byte_tokenizer
@@ -34,6 +35,18 @@ def long_context_llama() -> transformers.LlamaForCausalLM:
 def tiny():
     model = long_context_llama()
     return model, capture(model), byte_tokenizer()
+
+
+@torch.no_grad()
+def test_perplexity_is_the_mean_next_token_loss_over_all_windows_at_any_batch_size(tiny):
+    model, graph, _ = tiny
+    windows = torch.randint(0, 257, (5, 12), generator=torch.Generator().manual_seed(0))
+    logits = model(windows).logits
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, 257), windows[:, 1:].reshape(-1), reduction="none")
+    for batch_size in (1, 2, 5):
+        result = perplexity(graph, windows, batch_size=batch_size)
+        assert result.tokens == 5 * 11
+        assert result.value == pytest.approx(float(losses.mean().exp()), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

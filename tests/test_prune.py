@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import fxflatten.passes.prune as prune_pass
 from fxflatten import FxflattenError, capture, discover_blocks
-from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
+from fxflatten.calibrate import SegmentRunner, StreamSlots, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
 from fxflatten.leastsq import prune_by_error, ridge_leverage, ridge_solve
@@ -139,10 +139,24 @@ def test_units_keep_block_order():
     assert units_of([[1, 2], [4, 5, 6]], 8) == [(0,), (1, 2), (3,), (4, 5, 6), (7,)]
 
 
-def test_ridge_leverage_ranks_a_dominant_channel_first():
+def test_ridge_leverage_ranks_a_dominant_channel_first_and_leaves_the_moments_alone():
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(0))
     x[:, 3] *= 20
-    assert int(ridge_leverage(x.T @ x).argmax()) == 3
+    gram = x.T @ x
+    before = gram.clone()
+    assert int(ridge_leverage(gram).argmax()) == 3
+    torch.testing.assert_close(gram, before, rtol=0, atol=0)
+
+
+def test_stream_slots_keep_every_batch_stream_in_one_buffer():
+    envs = [{"stream": torch.full((2, 3), 1.0)}, {"stream": torch.full((1, 3), 2.0)}]
+    slots = StreamSlots(envs, "stream")
+    storage = envs[0]["stream"].untyped_storage().data_ptr()
+    assert envs[1]["stream"].untyped_storage().data_ptr() == storage
+    envs[1]["stream"] = torch.full((1, 3), 5.0)  # a block's output, freshly allocated
+    slots.store(1, envs[1], "stream")
+    assert envs[1]["stream"].untyped_storage().data_ptr() == storage
+    assert envs[1]["stream"].tolist() == [[5.0] * 3] and envs[0]["stream"].tolist() == [[1.0] * 3] * 2
 
 
 def test_error_pruning_keeps_the_channels_the_target_reads():
