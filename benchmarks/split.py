@@ -24,23 +24,23 @@ from benchmarks.baselines.width import uniform_plans
 from benchmarks.common import RESULTS, default_setup
 from fxflatten import discover_blocks
 from fxflatten.evaluate import perplexity
-from fxflatten.passes.prune import PruneConfig, PrunePass
+from fxflatten.layout import BlockMap
+from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass
 from fxflatten.pipeline import flatten, plan_blocks
 from fxflatten.report import format_table
 from fxflatten.select import greedy_groups, hidden_similarity
 
 
-def split_plans(dense_map, groups: list[list[int]], ratio: float) -> list:
+def split_plans(dense_map: BlockMap, groups: list[list[int]], ratio: float) -> list[BlockPlan]:
     """compress's plans for ``groups``, with the rest of ``ratio`` width-pruned from the other blocks."""
-    grouped = {index for group in groups for index in group}
     removed = sum(dense_map.blocks[index].parameters for group in groups for index in group[1:])
     rest = ratio * dense_map.total_parameters - removed
-    singles = [block.index for block in dense_map.blocks if block.index not in grouped]
-    width = uniform_plans(dense_map, rest, only=set(singles)) if rest > 0 else None
-    plans = []
-    for plan in plan_blocks(dense_map, groups):
-        plans.append(width[plan.origin[0]] if width and len(plan.origin) == 1 else plan)
-    return plans
+    plans = plan_blocks(dense_map, groups)
+    if rest <= 0:
+        return plans
+    singles = {plan.origin[0] for plan in plans if len(plan.origin) == 1}
+    width = uniform_plans(dense_map, rest, only=singles)
+    return [width[plan.origin[0]] if len(plan.origin) == 1 else plan for plan in plans]
 
 
 def main() -> None:

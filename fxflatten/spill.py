@@ -10,7 +10,6 @@ pass, so the cost is sequential I/O the page cache usually absorbs.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,22 +17,20 @@ import torch
 
 
 class Spill:
-    """A temporary directory of tensors by key, removed by :meth:`close` (use it as a context manager)."""
+    """Tensors by key in a temporary directory, removed by :meth:`close` (use it as a context manager)."""
 
     def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="fxflatten-spill-"))
-
-    def path(self, key: str) -> Path:
-        return self.directory / f"{key}.pt"
+        self.temporary = tempfile.TemporaryDirectory(prefix="fxflatten-spill-", ignore_cleanup_errors=True)
+        self.directory = Path(self.temporary.name)
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        torch.save(tensor.contiguous(), self.path(key))
+        torch.save(tensor.contiguous(), self.directory / f"{key}.pt")
 
     def get(self, key: str) -> torch.Tensor:
-        return torch.load(self.path(key), weights_only=True)
+        return torch.load(self.directory / f"{key}.pt", weights_only=True)
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.temporary.cleanup()
 
     def __enter__(self) -> Spill:
         return self

@@ -19,10 +19,10 @@ def uniform_plans(block_map: BlockMap, removed: int, only: set[int] | None = Non
     as they are.
     """
     plans = []
-    chosen = [block for block in block_map.blocks if only is None or block.index in only]
+    chosen = {block.index for block in block_map.blocks} if only is None else only
     share = removed / len(chosen)
     for block in block_map.blocks:
-        if block not in chosen:
+        if block.index not in chosen:
             plans.append(BlockPlan(None, None, (block.index,)))
             continue
         attention, mlp = block.attention[0], block.mlp[0]

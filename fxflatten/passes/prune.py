@@ -302,9 +302,9 @@ class Reference:
         self.spill = spill
         self.envs = self.runner.start(batches)
         self.runner.run(0, self.envs)
-        for index, env in enumerate(self.envs):
-            spill.put(f"stream-{index}", env.pop(self.boundaries[0]))
-        self.side = [set(env) for env in self.envs]
+        # The stream entering block 0 stays in memory until the first run, which usually seeds
+        # the trajectory from the compressed stream instead, or (serial) never reads it.
+        self.side = [set(env) - {self.boundaries[0]} for env in self.envs]
         self.trajectory = trajectory
         self.next_block = 0
 
@@ -338,7 +338,11 @@ class Reference:
         if origin[0] < self.next_block:
             raise FxflattenError("trajectory targets need the blocks in order")
         for index, env in enumerate(self.envs):
-            env[self.boundaries[self.next_block]] = seed[index] if seed is not None else self.target(index, "stream")
+            if seed is not None:
+                env.pop(self.boundaries[0], None)
+                env[self.boundaries[self.next_block]] = seed[index]
+            elif self.boundaries[self.next_block] not in env:
+                env[self.boundaries[self.next_block]] = self.target(index, "stream")
             self.run_blocks(index, env, range(self.next_block, origin[-1] + 1), origin)
         self.next_block = origin[-1] + 1
 
