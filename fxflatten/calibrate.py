@@ -90,6 +90,18 @@ class SegmentRunner:
         placeholders = [node for node in self.gm.graph.nodes if node.op == "placeholder"]
         return [{node.name: value for node, value in zip(placeholders, batch)} for batch in batches]
 
+    def prologue(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, object]]:
+        """:meth:`start`, then the prologue on every batch, with its token-independent values shared.
+
+        Masks of full windows and rotary tables come out the same for every batch; keeping one
+        copy instead of one per batch saves 1.25 MiB per batch of 4 x 512 tokens on the default
+        model (40 MiB at 128 windows), twice over when a reference graph runs alongside.
+        """
+        envs = self.start(batches)
+        self.run(0, envs)
+        share_equal_values(envs)
+        return envs
+
     def run(self, index: int, envs: list[dict[str, object]], watch: dict[str, Observer] | None = None) -> None:
         """Run segment ``index`` on every batch's environment, then drop dead values."""
         part = self.parts[index]
@@ -135,6 +147,17 @@ class SegmentRunner:
         """The graph's output for each batch, once the epilogue has run."""
         for env in envs:
             yield map_arg(self.output.args[0], lambda arg: env[arg.name])
+
+
+def share_equal_values(envs: list[dict[str, object]]) -> None:
+    """Make every environment hold the first one's tensor wherever it holds an equal one."""
+    first = envs[0]
+    for env in envs[1:]:
+        for name, value in env.items():
+            other = first.get(name)
+            if (isinstance(value, torch.Tensor) and isinstance(other, torch.Tensor) and value is not other
+                    and value.shape == other.shape and value.dtype == other.dtype and torch.equal(value, other)):
+                env[name] = other
 
 
 def batches_of(windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

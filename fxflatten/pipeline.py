@@ -121,7 +121,7 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
     dense_map = discover_blocks(dense)
     flat = flatten(dense, groups, ratio, calib, max_group=max_group, select=select, width=width, progress=progress, stages=stages)
     plans = plan_blocks(dense_map, flat.groups, width)
-    prune = PrunePass(calib, plans, config, reference=dense, progress=progress)
+    prune = PrunePass(calib, plans, config, reference=dense, progress=progress, consume=True)
     with stages("prune"):
         graph = prune(flat.graph).graph_module
     return CompressResult(graph, flat.groups, flat.selection, plans, prune.report, flat.unfused)

@@ -118,8 +118,7 @@ def parallel_error(gm: GraphModule, windows: torch.Tensor, block_map: BlockMap |
         flat_map = discover_blocks(flat)
         parts = segments(flat, flat_map)
         runner = SegmentRunner(flat, parts)
-        envs = runner.start(batches)
-        runner.run(0, envs)
+        envs = runner.prologue(batches)
         flat_boundaries = block_boundaries(flat, flat_map)
         first = 0
         for unit, block in enumerate(flat_map.blocks):

@@ -1,7 +1,9 @@
 """PrunePass and compress(): exact when keeping everything, shapes right when pruning, HF output."""
 
+import gc
 import json
 import tempfile
+import weakref
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, R
 from fxflatten.pipeline import compress, flatten, units_of
 from fxflatten.report import block_rows
 from fxflatten.spill import Spill
+from fxflatten.tensors import get_tensor
 from tests.models import Shape, build
 
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -157,6 +160,38 @@ def test_stream_slots_keep_every_batch_stream_in_one_buffer():
     slots.store(1, envs[1], "stream")
     assert envs[1]["stream"].untyped_storage().data_ptr() == storage
     assert envs[1]["stream"].tolist() == [[5.0] * 3] and envs[0]["stream"].tolist() == [[1.0] * 3] * 2
+
+
+def test_prologue_shares_the_values_that_do_not_depend_on_the_tokens():
+    graph = capture(build("llama", Shape(layers=2)))
+    block_map = discover_blocks(graph)
+    runner = SegmentRunner(graph, segments(graph, block_map))
+    envs = runner.prologue(batches_of(CALIB, 2))
+    stream = block_boundaries(graph, block_map)[0]
+    shared = [name for name, value in envs[0].items() if isinstance(value, torch.Tensor) and name != stream]
+    assert shared  # the mask and the rotary tables
+    assert all(env[name] is envs[0][name] for env in envs[1:] for name in shared)
+    assert len({id(env[stream]) for env in envs}) == len(envs)  # each batch's own tokens
+
+
+def widened_weight(flat, block=0):
+    """A weight of a flattened group's widened MLP, as the graph holds it."""
+    layout = discover_blocks(flat.graph).blocks[block].mlp[0].mlp
+    return get_tensor(flat.graph, layout.down.weight)
+
+
+@pytest.mark.parametrize("consume", [False, True])
+def test_a_consuming_prune_frees_the_widened_weights_and_prunes_the_same(consume):
+    graph = capture(build("llama", Shape(layers=3)))
+    layout = discover_blocks(graph).blocks[0]
+    plans = [BlockPlan(layout.attention[0].attention.num_kv_heads, layout.mlp[0].mlp.width, (0, 1)), BlockPlan(None, None, (2,))]
+    expected = logits(PrunePass(CALIB, plans, reference=graph)(flatten(graph, groups=[[0, 1]]).graph).graph_module)
+    flat = flatten(graph, groups=[[0, 1]])
+    widened = weakref.ref(widened_weight(flat))
+    pruned = PrunePass(CALIB, plans, reference=graph, consume=consume)(flat.graph).graph_module
+    gc.collect()
+    assert (widened() is None) == consume  # a copying prune leaves its input as it was
+    torch.testing.assert_close(logits(pruned), expected, rtol=0, atol=0)
 
 
 def test_error_pruning_keeps_the_channels_the_target_reads():

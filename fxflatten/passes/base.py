@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxflatten.capture import graph_example_inputs, recapture
 from fxflatten.errors import FxflattenError
+from fxflatten.heap import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -102,4 +103,5 @@ def run_passes(graph_module: GraphModule, passes: list[PassBase]) -> GraphModule
     # of the passes, and the rewritten weights they hold (0.1 GiB on the default model), are
     # only freed by the cycle collector, which otherwise may not run before the next stage.
     gc.collect()
+    release_free_memory()
     return result
