@@ -25,7 +25,8 @@ from fxflatten import PruneConfig, discover_blocks
 from fxflatten.evaluate import perplexity
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
-from fxflatten.pipeline import flatten, plan_blocks
+from fxflatten.pipeline import flatten
+from fxflatten.plans import plan_blocks
 from fxflatten.report import format_table
 from fxflatten.select import select_groups
 

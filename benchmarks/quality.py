@@ -38,7 +38,6 @@ import torch
 from torch.fx import GraphModule
 
 from benchmarks.baselines import laco, torch_pruning_peer
-from benchmarks.baselines.width import uniform_plans
 from benchmarks.common import RESULTS, default_setup
 from benchmarks.prune_ablation import shortgpt_blocks
 from fxflatten import PruneConfig, capture, discover_blocks, flatten
@@ -46,7 +45,7 @@ from fxflatten.evaluate import perplexity
 from fxflatten.harness import TASK, zero_shot
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
-from fxflatten.pipeline import plan_blocks
+from fxflatten.plans import plan_blocks, width_plans
 from fxflatten.report import format_table
 from fxflatten.select import greedy_groups, hidden_similarity
 FLATTENGPT = "FlattenGPT (compress defaults)"
@@ -129,7 +128,7 @@ def run_ratio(bench: Bench, model, dense: GraphModule, calib: torch.Tensor, simi
     bench.record(ratio, "ShortGPT (remove blocks by influence)", graph, seconds)
     graph, seconds = timed(lambda: laco.collapse(dense, groups))
     bench.record(ratio, "LaCo-style collapse (same groups)", graph, seconds)
-    plans = uniform_plans(dense_map, removed_parameters)
+    plans = width_plans(dense_map, removed_parameters)
     graph, seconds = timed(lambda: PrunePass(calib, plans, PruneConfig(), reference=dense)(dense).graph_module)
     bench.record(ratio, WIDTH_ONLY, graph, seconds)
     if peer_error is None:

@@ -3,7 +3,8 @@
 At ``--ratio`` 0.3 flattening alone merges 21 of 30 blocks and loses to width-only pruning
 (benchmarks/results/quality.md). Here flattening takes only ``--flatten`` of all parameters
 (groups chosen as compress chooses them), and the rest of the budget is taken by width-pruning
-every block outside the groups evenly, in the same prune pass (same refit, same targets): one
+every block outside the groups evenly, in the same prune pass (same refit, same targets; what
+``fxflatten compress --flatten-share`` does): one
 compressed graph per split, each with the same parameters removed (the ratio). A split of 0 is
 width-only; a split equal to the ratio is FlattenGPT, with the few parameters that block
 quantisation leaves width-pruned too. Same calibration and evaluation windows as the quality
@@ -20,27 +21,14 @@ import argparse
 import json
 import time
 
-from benchmarks.baselines.width import uniform_plans
 from benchmarks.common import RESULTS, default_setup
 from fxflatten import discover_blocks
 from fxflatten.evaluate import perplexity
-from fxflatten.layout import BlockMap
-from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass
-from fxflatten.pipeline import flatten, plan_blocks
+from fxflatten.passes.prune import PruneConfig, PrunePass
+from fxflatten.pipeline import flatten
+from fxflatten.plans import split_plans
 from fxflatten.report import format_table
 from fxflatten.select import greedy_groups, hidden_similarity
-
-
-def split_plans(dense_map: BlockMap, groups: list[list[int]], ratio: float) -> list[BlockPlan]:
-    """compress's plans for ``groups``, with the rest of ``ratio`` width-pruned from the other blocks."""
-    removed = sum(dense_map.blocks[index].parameters for group in groups for index in group[1:])
-    rest = ratio * dense_map.total_parameters - removed
-    plans = plan_blocks(dense_map, groups)
-    if rest <= 0:
-        return plans
-    singles = {plan.origin[0] for plan in plans if len(plan.origin) == 1}
-    width = uniform_plans(dense_map, rest, only=singles)
-    return [width[plan.origin[0]] if len(plan.origin) == 1 else plan for plan in plans]
 
 
 def main() -> None:

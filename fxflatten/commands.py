@@ -92,6 +92,8 @@ def run_compress(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_output(out, args.force)
     check_ratio(args.ratio)
+    if args.flatten_share is not None and not 0 <= args.flatten_share <= args.ratio:
+        raise FxflattenError(f"--flatten-share must be in [0, --ratio {args.ratio}], got {args.flatten_share}")
     torch.manual_seed(args.seed)
     stages = Stages()
     with stages("load"):
@@ -105,7 +107,7 @@ def run_compress(args: argparse.Namespace) -> None:
         block_map = discover_blocks(graph)
     config = PruneConfig(target=args.target, head_score=args.head_score)
     result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group,
-                      select=args.select, progress=True, stages=stages)
+                      select=args.select, flatten_share=args.flatten_share, progress=True, stages=stages)
     compressed_map = discover_blocks(result.graph)
     with stages("evaluate"):
         dense = perplexity(graph, evaluation, progress=True)
@@ -122,6 +124,7 @@ def run_compress(args: argparse.Namespace) -> None:
                        "seq_len": dense.seq_len, "tokens": dense.tokens},
         "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
         "select": args.select,
+        "flatten_share": args.flatten_share,
         "prune": {"config": vars(config), "width": args.width, "blocks": result.prune.blocks},
         "unfused": result.unfused,
     }

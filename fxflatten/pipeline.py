@@ -16,8 +16,8 @@ from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
 from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass, PruneReport
+from fxflatten.plans import plan_blocks, split_plans
 from fxflatten.graph import discover_blocks
-from fxflatten.layout import BlockMap
 from fxflatten.select import Selection, select_groups
 from fxflatten.stages import Stages
 
@@ -77,50 +77,35 @@ class CompressResult:
     unfused: dict[int, str] = field(default_factory=dict)
 
 
-def units_of(groups: list[list[int]], num_blocks: int) -> list[tuple[int, ...]]:
-    """The compressed model's blocks as tuples of original block indices, in order."""
-    grouped = {index: tuple(group) for group in groups for index in group}
-    units, seen = [], set()
-    for index in range(num_blocks):
-        unit = grouped.get(index, (index,))
-        if unit not in seen:
-            seen.add(unit)
-            units.append(unit)
-    return units
-
-
-def plan_blocks(dense_map: BlockMap, groups: list[list[int]], width: float = 1.0) -> list[BlockPlan]:
-    """One plan per compressed block: groups pruned back to ``width`` x one original block."""
-    plans = []
-    for unit in units_of(groups, len(dense_map.blocks)):
-        first = dense_map.blocks[unit[0]]
-        if len(unit) == 1:
-            plans.append(BlockPlan(None, None, unit))
-            continue
-        attention, mlp = first.attention[0].attention, first.mlp[0].mlp
-        kv_heads = max(1, round(width * attention.num_kv_heads)) if attention else None
-        channels = max(1, round(width * mlp.width)) if mlp else None
-        plans.append(BlockPlan(kv_heads, channels, unit))
-    return plans
-
-
 def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None, calib: torch.Tensor | None = None, *,
              groups: list[list[int]] | None = None, config: PruneConfig = PruneConfig(), width: float = 1.0,
-             max_group: int | None = None, select: str = "cosine", progress: bool = False,
-             stages: Stages | None = None) -> CompressResult:
+             max_group: int | None = None, select: str = "cosine", flatten_share: float | None = None,
+             progress: bool = False, stages: Stages | None = None) -> CompressResult:
     """Select groups, flatten, fold, fuse, and prune each group back to ``width`` x one block.
 
     ``width=1.0`` gives a standard model with fewer layers (the paper). Calibration windows
-    ``calib`` (n, seq_len) drive both the selection and the pruning statistics. ``stages``, if
-    given, records the time and peak memory of each step (select, flatten, prune).
+    ``calib`` (n, seq_len) drive both the selection and the pruning statistics. With
+    ``flatten_share`` (a share of all parameters, at most ``ratio``) flattening removes only
+    that much, and the rest of ``ratio`` is width-pruned evenly from the blocks outside the
+    groups (0: width pruning alone); its blocks then differ in width, so the result is not a
+    standard checkpoint. ``stages``, if given, records the time and peak memory of each step
+    (select, flatten, prune).
     """
     if calib is None:
         raise FxflattenError("compress needs calibration windows")
+    if flatten_share is not None and (ratio is None or not 0 <= flatten_share <= ratio):
+        raise FxflattenError(f"the flattened share must be in [0, ratio] (ratio {ratio}), got {flatten_share}")
     stages = stages or Stages()
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
-    flat = flatten(dense, groups, ratio, calib, max_group=max_group, select=select, width=width, progress=progress, stages=stages)
-    plans = plan_blocks(dense_map, flat.groups, width)
+    share = ratio if flatten_share is None else flatten_share
+    if share == 0 and groups is None:
+        groups = []
+    flat = flatten(dense, groups, share, calib, max_group=max_group, select=select, width=width, progress=progress, stages=stages)
+    if flatten_share is None:
+        plans = plan_blocks(dense_map, flat.groups, width)
+    else:
+        plans = split_plans(dense_map, flat.groups, ratio, width)
     prune = PrunePass(calib, plans, config, reference=dense, progress=progress, consume=True)
     with stages("prune"):
         graph = prune(flat.graph).graph_module

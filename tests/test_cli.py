@@ -87,3 +87,9 @@ def test_too_small_a_ratio_is_a_one_line_error(tiny_llama_dir, capsys):
             "--samples", "4", "--seq-len", "32"]
     assert main(args) == 2
     assert "too small to remove one block" in capsys.readouterr().err
+
+
+def test_a_flattened_share_above_the_ratio_is_a_one_line_error_before_loading(tmp_path, capsys):
+    args = ["compress", str(tmp_path / "missing"), "--ratio", "0.2", "--flatten-share", "0.3", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--flatten-share must be in [0, --ratio 0.2]" in capsys.readouterr().err

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from fxflatten import FxflattenError, capture, discover_blocks, load_model
 from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass
-from fxflatten.pipeline import flatten, units_of
+from fxflatten.pipeline import flatten
+from fxflatten.plans import units_of
 from tests.models import FAMILIES
 from tests.test_passes import EXACT, ONNX, FuseCase, fuse_cases, logits, run, tokens
 

@@ -16,7 +16,8 @@ from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
 from fxflatten.leastsq import prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
-from fxflatten.pipeline import compress, flatten, units_of
+from fxflatten.pipeline import compress, flatten
+from fxflatten.plans import plan_blocks, split_plans, units_of
 from fxflatten.report import block_rows
 from fxflatten.spill import Spill
 from fxflatten.tensors import get_tensor
@@ -239,6 +240,34 @@ def test_compressed_model_is_written_as_a_standard_checkpoint(family, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=IDS, use_cache=False).logits, logits(result.graph), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("share, layers", [(0.0, 4), (0.2, 3)])
+def test_a_flattened_share_leaves_the_rest_of_the_ratio_to_width_pruning(share, layers):
+    graph = capture(build("llama", Shape(layers=4, heads=4, kv_heads=2, width=96)))
+    dense_map = discover_blocks(graph)
+    groups = [[1, 2]] if share else None
+    result = compress(graph, ratio=0.4, calib=CALIB, groups=groups, flatten_share=share)
+    rows = block_rows(discover_blocks(result.graph))
+    assert len(rows) == layers
+    singles = [row for row, plan in zip(rows, result.plans) if len(plan.origin) == 1]
+    assert all(row["mlp_width"] < 96 for row in singles)  # the blocks outside the groups are narrower
+    removed = 1 - discover_blocks(result.graph).total_parameters / dense_map.total_parameters
+    assert removed == pytest.approx(0.4, abs=0.02)  # the whole ratio, within a few channels
+    assert torch.isfinite(logits(result.graph)).all()
+
+
+def test_a_flattened_share_above_the_ratio_is_refused():
+    with pytest.raises(FxflattenError, match="flattened share"):
+        compress(capture(build("llama", Shape(layers=4))), ratio=0.2, calib=CALIB, flatten_share=0.3)
+
+
+def test_split_plans_prune_nothing_else_when_the_groups_take_the_whole_ratio():
+    dense_map = discover_blocks(capture(build("llama", Shape(layers=4))))
+    ratio = dense_map.blocks[1].parameters / dense_map.total_parameters
+    assert split_plans(dense_map, [[1, 2]], ratio) == plan_blocks(dense_map, [[1, 2]])
+    widths = {plan.width for plan in split_plans(dense_map, [[1, 2]], 2 * ratio) if len(plan.origin) == 1}
+    assert len(widths) == 1 and widths.pop() < dense_map.blocks[0].mlp[0].mlp.width  # spread evenly
+
+
 def test_a_wider_result_is_refused_as_a_checkpoint():
     model = build("llama", Shape(layers=4))
     graph = capture(model)
@@ -263,6 +292,19 @@ def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_pat
     assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()} == source
     assert main(args) == 2  # the output exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+
+
+def test_compress_command_with_no_flattened_share_width_prunes_into_a_program(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--ratio", "0.3", "--flatten-share", "0", "--out", str(out),
+            "--calib", str(tiny_llama_dir / "config.json"), "--samples", "4", "--seq-len", "32",
+            "--eval-text", str(tiny_llama_dir / "config.json"), "--eval-windows", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["flatten_share"] == 0 and report["groups"] == []
+    assert report["layers"]["after"] == report["layers"]["before"]
+    assert report["ratio"]["achieved"] == pytest.approx(0.3, abs=0.03)
+    assert report["format"] == "torch.export" and (out / "model.pt2").is_file()
 
 
 @pytest.mark.slow

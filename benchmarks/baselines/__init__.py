@@ -1,6 +1,6 @@
 """Methods FlattenGPT is compared with at equal size; benchmark code, not the library's API.
 
 ShortGPT's block removal lives in ``fxflatten.passes.remove`` and ``benchmarks.prune_ablation``;
-this package adds LaCo-style layer collapse, width-only pruning with the same prune pass, and the
-PyPI peer ``torch-pruning``.
+this package adds LaCo-style layer collapse and the PyPI peer ``torch-pruning``; width-only
+pruning with the same prune pass is ``fxflatten.plans.width_plans``.
 """
