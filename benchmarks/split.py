@@ -3,12 +3,11 @@
 At ``--ratio`` 0.3 flattening alone merges 21 of 30 blocks and loses to width-only pruning
 (benchmarks/results/quality.md). Here flattening takes only ``--flatten`` of all parameters
 (groups chosen as compress chooses them), and the rest of the budget is taken by width-pruning
-every block outside the groups evenly, in the same prune pass (same refit, same targets; what
-``fxflatten compress --flatten-share`` does): one
-compressed graph per split, each with the same parameters removed (the ratio). A split of 0 is
-width-only; a split equal to the ratio is FlattenGPT, with the few parameters that block
-quantisation leaves width-pruned too. Same calibration and evaluation windows as the quality
-table.
+every block outside the groups evenly, in the same prune pass (same refit, same targets):
+``compress(..., flatten_share=split)``, one compressed graph per split, each with the same
+parameters removed (the ratio). A split of 0 is width-only; a split equal to the ratio is
+FlattenGPT, with the few parameters that block quantisation leaves width-pruned too. Same
+calibration and evaluation windows as the quality table.
 
     python -m benchmarks.split [--ratios 0.2 0.3] [--splits 0 0.05 0.1 0.2] [--samples 16]
 
@@ -24,9 +23,7 @@ import time
 from benchmarks.common import RESULTS, default_setup
 from fxflatten import discover_blocks
 from fxflatten.evaluate import perplexity
-from fxflatten.passes.prune import PruneConfig, PrunePass
-from fxflatten.pipeline import flatten
-from fxflatten.plans import split_plans
+from fxflatten.pipeline import compress
 from fxflatten.report import format_table
 from fxflatten.select import greedy_groups, hidden_similarity
 
@@ -49,8 +46,7 @@ def main() -> None:
     for ratio in args.ratios:
         for split in sorted({s for s in args.splits if s < ratio} | {ratio}):
             groups = greedy_groups(similarity, block_parameters, dense_map.total_parameters, split)[0] if split > 0 else []
-            flat = flatten(setup.dense, groups=groups).graph
-            graph = PrunePass(setup.calib, split_plans(dense_map, groups, ratio), PruneConfig(), reference=setup.dense)(flat).graph_module
+            graph = compress(setup.dense, ratio, setup.calib, groups=groups, flatten_share=split).graph
             parameters = sum(p.numel() for p in graph.parameters())
             value = perplexity(graph, setup.evaluation).value
             rows.append({"ratio": ratio, "flatten": split, "layers": len(discover_blocks(graph).blocks), "groups": groups,

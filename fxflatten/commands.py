@@ -18,7 +18,7 @@ from fxflatten.numerics import check_finite, check_parameters_finite
 from fxflatten.output import atomic_dir, check_output, write_report
 from fxflatten.pipeline import flatten
 from fxflatten.report import format_table
-from fxflatten.select import check_ratio, select_groups
+from fxflatten.select import check_flatten_share, check_ratio, select_groups
 from fxflatten.stages import Stages
 from fxflatten.text import calibration_windows, evaluation_windows, warn_if_overlapping
 
@@ -92,8 +92,7 @@ def run_compress(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_output(out, args.force)
     check_ratio(args.ratio)
-    if args.flatten_share is not None and not 0 <= args.flatten_share <= args.ratio:
-        raise FxflattenError(f"--flatten-share must be in [0, --ratio {args.ratio}], got {args.flatten_share}")
+    check_flatten_share(args.flatten_share, args.ratio)
     torch.manual_seed(args.seed)
     stages = Stages()
     with stages("load"):

@@ -18,7 +18,7 @@ from fxflatten.passes.fuse import FusePass
 from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass, PruneReport
 from fxflatten.plans import plan_blocks, split_plans
 from fxflatten.graph import discover_blocks
-from fxflatten.select import Selection, select_groups
+from fxflatten.select import Selection, check_flatten_share, select_groups
 from fxflatten.stages import Stages
 
 log = logging.getLogger(__name__)
@@ -93,20 +93,26 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
     """
     if calib is None:
         raise FxflattenError("compress needs calibration windows")
-    if flatten_share is not None and (ratio is None or not 0 <= flatten_share <= ratio):
-        raise FxflattenError(f"the flattened share must be in [0, ratio] (ratio {ratio}), got {flatten_share}")
+    check_flatten_share(flatten_share, ratio)
     stages = stages or Stages()
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
     share = ratio if flatten_share is None else flatten_share
     if share == 0 and groups is None:
         groups = []
-    flat = flatten(dense, groups, share, calib, max_group=max_group, select=select, width=width, progress=progress, stages=stages)
+    if groups == []:
+        # Nothing to flatten: no flatten stage (its passes would change nothing, 2 s on the
+        # default model), and the pass prunes a copy of the dense graph, never the caller's.
+        flat, consume = FlattenResult(dense, []), False
+    else:
+        flat = flatten(dense, groups, share, calib, max_group=max_group, select=select, width=width,
+                       progress=progress, stages=stages)
+        consume = True  # the widened graph is compress's own
     if flatten_share is None:
         plans = plan_blocks(dense_map, flat.groups, width)
     else:
         plans = split_plans(dense_map, flat.groups, ratio, width)
-    prune = PrunePass(calib, plans, config, reference=dense, progress=progress, consume=True)
+    prune = PrunePass(calib, plans, config, reference=dense, progress=progress, consume=consume)
     with stages("prune"):
         graph = prune(flat.graph).graph_module
     return CompressResult(graph, flat.groups, flat.selection, plans, prune.report, flat.unfused)

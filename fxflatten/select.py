@@ -176,6 +176,12 @@ def check_ratio(ratio: float) -> None:
         raise FxflattenError(f"--ratio must be in (0, 0.9], got {ratio}")
 
 
+def check_flatten_share(share: float | None, ratio: float | None) -> None:
+    """Refuse a flattened share outside [0, ratio] (it is the part of the ratio flattening takes)."""
+    if share is not None and (ratio is None or not 0 <= share <= ratio):
+        raise FxflattenError(f"--flatten-share must be in [0, --ratio {ratio}], got {share}: the flattened share is part of the ratio")
+
+
 def group_removes(parameters: list[int], width: float = 1.0) -> int:
     """Parameters a group of blocks removes once pruned back to ``width`` x its mean block."""
     return sum(parameters) - int(width * sum(parameters) / len(parameters))

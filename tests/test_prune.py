@@ -255,6 +255,16 @@ def test_a_flattened_share_leaves_the_rest_of_the_ratio_to_width_pruning(share, 
     assert torch.isfinite(logits(result.graph)).all()
 
 
+def test_a_flattened_share_chooses_only_the_groups_that_fit_in_it():
+    graph = capture(build("llama", Shape(layers=6, heads=4, kv_heads=2, width=96)))
+    dense_map = discover_blocks(graph)
+    block = dense_map.blocks[0].parameters / dense_map.total_parameters
+    result = compress(graph, ratio=3 * block, calib=CALIB, flatten_share=1.5 * block)
+    assert len(result.groups) == 1 and len(result.groups[0]) == 2  # one pair fits in the share, two do not
+    removed = 1 - discover_blocks(result.graph).total_parameters / dense_map.total_parameters
+    assert removed == pytest.approx(3 * block, abs=0.02)
+
+
 def test_a_flattened_share_above_the_ratio_is_refused():
     with pytest.raises(FxflattenError, match="flattened share"):
         compress(capture(build("llama", Shape(layers=4))), ratio=0.2, calib=CALIB, flatten_share=0.3)
@@ -305,6 +315,7 @@ def test_compress_command_with_no_flattened_share_width_prunes_into_a_program(ti
     assert report["layers"]["after"] == report["layers"]["before"]
     assert report["ratio"]["achieved"] == pytest.approx(0.3, abs=0.03)
     assert report["format"] == "torch.export" and (out / "model.pt2").is_file()
+    assert "flatten" not in report["stages"]  # nothing to flatten, so the flatten passes do not run
 
 
 @pytest.mark.slow

@@ -201,18 +201,20 @@ class PrunePass(GraphPass):
                 before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
                 attention_nodes = [node for node in part.nodes if node.name in before_mlp]
                 targets = None
-                if reference and plan.origin and (plan.kv_heads is not None or plan.width is not None):
+                pruned = plan.kv_heads is not None or plan.width is not None
+                if reference and plan.origin and pruned:
                     pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
                     reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine)
                     targets = reference
                 # Statistics passes run on a scratch copy of each batch's values, so that between
                 # batches only the stream entering the block is held, never the block's insides.
                 # Each step frees what the one before it built: give that back before it starts.
-                release_free_memory()
-                self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
-                release_free_memory()
-                self.prune_mlp(gm, nodes, block, plan, envs, runner, part.nodes, targets)
-                release_free_memory()
+                if pruned:
+                    release_free_memory()
+                    self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
+                    release_free_memory()
+                    self.prune_mlp(gm, nodes, block, plan, envs, runner, part.nodes, targets)
+                    release_free_memory()
                 for index, env in enumerate(envs):
                     runner.run_nodes(part.nodes, env, {})
                     runner.drop(block.index + 1, env)
