@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--width", type=float, default=1.0, help="width each group is pruned back to, in original blocks, in (0, 2) (default 1.0: a standard model); wider groups keep more, and more groups are merged for the same --ratio")
     compress.add_argument("--flatten-share", type=float, default=None, metavar="S", help="share of all parameters to remove by flattening, in [0, --ratio]; the rest of --ratio is width-pruned evenly from the other blocks (default: all of it, the paper). Blocks then differ in width, so the output is a torch.export program, not a checkpoint")
     compress.add_argument("--target", choices=["trajectory", "serial", "widened"], default="trajectory", help="refit target: the original model's own stream at that depth (default), the original blocks' serial output on the same input, or the widened block's output (the paper)")
+    compress.add_argument("--no-input-refit", dest="input_refit", action="store_false", help="do not refit a merged block's q/k/v and gate/up toward the inputs the original blocks see (faster, worse: the default refits them with a serial or trajectory target)")
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
     compress.add_argument("--onnx", action="store_true", help="also write model.onnx (logits form, checked in ONNX Runtime) into --out")
     add_data_arguments(compress)

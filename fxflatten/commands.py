@@ -104,7 +104,7 @@ def run_compress(args: argparse.Namespace) -> None:
     with stages("capture"):
         graph = capture(model)
         block_map = discover_blocks(graph)
-    config = PruneConfig(target=args.target, head_score=args.head_score)
+    config = PruneConfig(target=args.target, head_score=args.head_score, refit_inputs=args.input_refit)
     result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group,
                       select=args.select, flatten_share=args.flatten_share, progress=True, stages=stages)
     compressed_map = discover_blocks(result.graph)

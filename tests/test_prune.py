@@ -14,13 +14,13 @@ from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.calibrate import SegmentRunner, StreamSlots, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
-from fxflatten.leastsq import prune_by_error, ridge_leverage, ridge_solve
+from fxflatten.leastsq import add_gram, prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
 from fxflatten.pipeline import compress, flatten
 from fxflatten.plans import plan_blocks, split_plans, units_of
 from fxflatten.report import block_rows
 from fxflatten.spill import Spill
-from fxflatten.tensors import get_tensor
+from fxflatten.tensors import get_tensor, weight
 from tests.models import Shape, build
 
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -295,6 +295,7 @@ def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_pat
     report = json.loads((out / "report.json").read_text())
     assert report["format"] == "huggingface" and report["layers"]["after"] < report["layers"]["before"]
     assert 0 < report["ratio"]["achieved"] <= 0.3
+    assert report["prune"]["config"]["refit_inputs"] is True
     # Each of compress's steps has its own time and memory, beside loading and evaluating.
     assert {"load", "capture", "select", "flatten", "prune", "evaluate"} <= report["stages"].keys()
     assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in report["stages"].values())
@@ -306,12 +307,13 @@ def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_pat
 
 def test_compress_command_with_no_flattened_share_width_prunes_into_a_program(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["compress", str(tiny_llama_dir), "--ratio", "0.3", "--flatten-share", "0", "--out", str(out),
+    args = ["compress", str(tiny_llama_dir), "--ratio", "0.3", "--flatten-share", "0", "--no-input-refit", "--out", str(out),
             "--calib", str(tiny_llama_dir / "config.json"), "--samples", "4", "--seq-len", "32",
             "--eval-text", str(tiny_llama_dir / "config.json"), "--eval-windows", "2"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["flatten_share"] == 0 and report["groups"] == []
+    assert report["prune"]["config"]["refit_inputs"] is False
     assert report["layers"]["after"] == report["layers"]["before"]
     assert report["ratio"]["achieved"] == pytest.approx(0.3, abs=0.03)
     assert report["format"] == "torch.export" and (out / "model.pt2").is_file()
@@ -341,3 +343,75 @@ def load_source_again(model):
     from fxflatten.load import load_model
 
     return load_model("default")[0].parameters()
+
+
+def keep_everything(graph, groups):
+    """Plans that keep every head and channel of ``groups`` (so only refits change anything)."""
+    flat = flatten(graph, groups=groups)
+    plans = [BlockPlan(b.attention[0].attention.num_kv_heads, b.mlp[0].mlp.width, unit) if len(unit) > 1
+             else BlockPlan(None, None, unit)
+             for b, unit in zip(discover_blocks(flat.graph).blocks, units_of(groups, len(discover_blocks(graph).blocks)))]
+    return flat.graph, plans
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "qwen2"])
+def test_input_refit_moves_only_the_branches_whose_input_the_flattening_changed(family):
+    """The first branch of a first group already reads the original model's stream, so its
+    q/k/v rows still compute the same on the calibration tokens (up to the small ridge); the
+    second branch's rows are refitted toward the stream the original second block reads, and
+    the model gets closer to the original."""
+    graph = capture(build(family, Shape(layers=3)))
+    flat, plans = keep_everything(graph, [[0, 1]])
+    config = PruneConfig(target="serial", refit_inputs=True)
+    refitted = PrunePass(CALIB, plans, config, reference=graph)(flat).graph_module
+    q = discover_blocks(flat).blocks[0].attention[0].attention.q
+    half = q.features // 2
+    x = linear_inputs(flat, q.linear)
+    queries = [x @ weight(gm, q.linear)[q.start: q.stop].T for gm in (flat, refitted)]
+    moved = [float((queries[1][:, j * half: (j + 1) * half] - queries[0][:, j * half: (j + 1) * half]).norm()
+                   / queries[0][:, j * half: (j + 1) * half].norm()) for j in (0, 1)]
+    assert moved[0] < 0.01 and moved[1] > 10 * moved[0]
+
+    def error(compressed):
+        want = graph(CALIB, torch.ones_like(CALIB))
+        return float((compressed(CALIB, torch.ones_like(CALIB)) - want).pow(2).mean())
+    assert error(refitted) < 0.8 * error(flat)
+
+
+@torch.no_grad()
+def linear_inputs(gm, linear) -> torch.Tensor:
+    """What ``linear`` multiplies on the calibration tokens, one row per token."""
+    seen = []
+    node = next(node for node in gm.graph.nodes if node.name == linear.node)
+    source = node.args[1] if linear.transposed else node.args[0]
+    runner = SegmentRunner(gm, segments(gm, discover_blocks(gm)))
+    envs = runner.prologue(batches_of(CALIB, len(CALIB)))
+    runner.run(1, envs, {source.name: lambda node, value: seen.append(value.flatten(0, -2))})
+    return torch.cat(seen)
+
+
+def test_input_refit_runs_only_on_merged_blocks(monkeypatch):
+    """Width-pruned single blocks read their own original's stream already (up to drift), so
+    their inputs are left alone; a merged block's attention and MLP inputs are both refitted."""
+    refitted = []
+    original = PrunePass.refit_inputs
+
+    def spy(self, gm, nodes, branch, *args):
+        refitted.append(branch.kind)
+        return original(self, gm, nodes, branch, *args)
+
+    monkeypatch.setattr(PrunePass, "refit_inputs", spy)
+    graph = capture(build("llama", Shape(layers=4, heads=4, kv_heads=2, width=96)))
+    result = compress(graph, ratio=0.4, calib=CALIB, groups=[[1, 2]], flatten_share=0.2)
+    assert sum(plan.width is not None and len(plan.origin) == 1 for plan in result.plans) == 2
+    assert sorted(refitted) == sorted([single.kind for single in (discover_blocks(graph).blocks[0].attention[0],
+                                                                   discover_blocks(graph).blocks[0].mlp[0])])
+
+
+@pytest.mark.parametrize("columns", [1, 5, 13, 64])
+@pytest.mark.parametrize("pieces", [1, 3, 4])
+def test_add_gram_is_x_transpose_x_accumulated_in_float64(columns, pieces):
+    x = torch.randn(50, columns, generator=torch.Generator().manual_seed(columns))
+    total = add_gram(None, x, pieces)
+    assert total is add_gram(total, 2 * x, pieces) and total.dtype == torch.float64
+    torch.testing.assert_close(total, 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-4)

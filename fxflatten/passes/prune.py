@@ -13,8 +13,16 @@ The refit target is the widened block's own output (``target="widened"``, the pa
 the original, unflattened blocks compute in series on the same input (``target="serial"``),
 which also absorbs the flattening error, or (the default, ``target="trajectory"``) what the
 original model computes at that depth on its own stream, which also pulls back the error the
-earlier compressed blocks left. Keeping every head and channel
-changes nothing. Any block can be pruned, widened or not, so this is also a plain
+earlier compressed blocks left.
+
+With a serial or trajectory target the input side of a merged block is refitted too
+(``refit_inputs``): in the parallel form the second block of a pair reads the stream from
+before the first block instead of after it. Before each stage is pruned, each original block's
+rows of q/k/v (then gate/up) are refitted by ridge least squares so that, on the compressed
+stream, they compute what they compute on that block's own stream in the target; the attention
+and MLP nonlinearities then see inputs closer to the original's, which no output refit can give
+them. Keeping every head and channel with the widened target changes nothing. Any block can be
+pruned, widened or not, so this is also a plain
 width-pruning pass.
 """
 
@@ -37,7 +45,7 @@ from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks, linear_input, to_digraph
 from fxflatten.heap import release_free_memory
 from fxflatten.layout import Block, Branch, Linear, Projection
-from fxflatten.leastsq import greedy_groups_by_error, group_energy, prune_by_error, ridge_leverage, ridge_solve
+from fxflatten.leastsq import add_gram, greedy_groups_by_error, group_energy, prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.numerics import check_finite
 from fxflatten.passes.base import GraphPass, editable_copy, finish
 from fxflatten.spill import Spill
@@ -57,6 +65,7 @@ class PruneConfig:
     refit_mlp: bool = True
     leverage_ridge: float = 10.0  # lam = this x mean eigenvalue, for MLP channel scores
     fit_ridge: float = 1e-3  # lam = this x mean diagonal, for the least-squares refits
+    refit_inputs: bool = True  # refit q/k/v and gate/up toward the target's inputs (needs a reference)
     batch_size: int = 4
 
 
@@ -84,7 +93,7 @@ class Moments:
         if self.with_bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
         # Accumulated in place: the wide MLP's float64 Gram matrix is 75 MiB on the default model.
-        self.gram = accumulate(self.gram, x.T @ x)
+        self.gram = add_gram(self.gram, x)
         if y is not None:
             self.cross = accumulate(self.cross, x.T @ y.flatten(0, -2).float())
         self.tokens += x.shape[0]
@@ -194,7 +203,8 @@ class PrunePass(GraphPass):
         with Spill() as spill:
             reference = None
             if self.config.target != "widened":
-                reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory")
+                reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory",
+                                      inputs=self.config.refit_inputs)
             blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
             for block, plan in zip(blocks, self.plans):
                 part = parts[block.index + 1]
@@ -210,9 +220,22 @@ class PrunePass(GraphPass):
                 # batches only the stream entering the block is held, never the block's insides.
                 # Each step frees what the one before it built: give that back before it starts.
                 if pruned:
+                    # Only a merged block reads a stream other than its original's by construction;
+                    # refitting single blocks toward the drift the blocks before them left made
+                    # the default model worse (1.43x -> 1.63x dense perplexity at --ratio 0.2).
+                    inputs = self.config.refit_inputs and targets is not None and len(plan.origin) > 1
                     release_free_memory()
+                    if inputs:
+                        attention = single(block.attention, "attention")
+                        layout = attention.attention
+                        self.refit_inputs(gm, nodes, attention, [layout.q, layout.k, layout.v], envs, runner,
+                                          attention_nodes, dag, targets, "attention-in")
                     self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
                     release_free_memory()
+                    if inputs:
+                        mlp = single(block.mlp, "MLP")
+                        projections = [p for p in (mlp.mlp.gate, mlp.mlp.up) if p is not None]
+                        self.refit_inputs(gm, nodes, mlp, projections, envs, runner, part.nodes, dag, targets, "mlp-in")
                     self.prune_mlp(gm, nodes, block, plan, envs, runner, part.nodes, targets)
                     release_free_memory()
                 for index, env in enumerate(envs):
@@ -220,6 +243,44 @@ class PrunePass(GraphPass):
                     runner.drop(block.index + 1, env)
                     stream.store(index, env, boundaries[block.index + 1])
         return PassResult(finish(gm), True)
+
+    def refit_inputs(self, gm, nodes, branch: Branch, projections: list[Projection], envs, runner, part_nodes, dag,
+                     targets: "Reference", key: str) -> None:
+        """Refit the branch's input projections so that what they compute on the compressed stream
+        matches what they would compute on the target streams.
+
+        A fused branch holds one chunk of rows per original block; chunk j's target input is
+        the branch's own normalisation applied to original block j's stream (from the reference).
+        Each chunk's rows become ``W B_j^T``, with ``B_j`` the ridge least-squares map from the
+        compressed inputs to the target inputs.
+        """
+        first = projections[0].linear
+        x_node = linear_input(nodes[first.node], first)
+        ancestors = nx.ancestors(dag, x_node.name) | {x_node.name}
+        compute = [node for node in part_nodes if node.name in ancestors]
+        between = nx.descendants(dag, branch.stream_in)
+        normalise = [node for node in compute if node.name in between]
+        count = len(targets.origin)
+        gram, crosses = None, [None] * count
+        for index, env in enumerate(envs):
+            seen = {}
+            runner.run_nodes(compute, dict(env), {x_node.name: lambda node, value: seen.update(x=value.flatten(0, -2).float())})
+            x = seen["x"]
+            gram = add_gram(gram, x)
+            for j in range(count):
+                scratch = dict(env)
+                scratch[branch.stream_in] = targets.target(index, f"{key}-{j}")
+                runner.run_nodes(normalise, scratch, {x_node.name: lambda node, value: seen.update(t=value.flatten(0, -2).float())})
+                crosses[j] = accumulate(crosses[j], x.T @ seen["t"])
+        check_finite(gram, f"{key} statistics")
+        maps = [ridge_solve(gram, cross, self.config.fit_ridge)[0].float() for cross in crosses]
+        for projection in projections:
+            w = weight(gm, projection.linear).clone()
+            chunk = projection.features // count
+            for j, solution in enumerate(maps):
+                rows = slice(projection.start + j * chunk, projection.start + (j + 1) * chunk)
+                w[rows] = w[rows] @ solution.T
+            set_weight(gm, projection.linear, w)
 
     def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
         branch = single(block.attention, "attention")
@@ -308,7 +369,7 @@ class Reference:
     """
 
     def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], spill: Spill,
-                 trajectory: bool = False) -> None:
+                 trajectory: bool = False, inputs: bool = False) -> None:
         self.map = discover_blocks(graph)
         self.parts = segments(graph, self.map)
         self.runner = SegmentRunner(graph, self.parts)
@@ -319,10 +380,14 @@ class Reference:
         # the trajectory from the compressed stream instead, or (serial) never reads it.
         self.side = [set(env) - {self.boundaries[0]} for env in self.envs]
         self.trajectory = trajectory
+        self.inputs = inputs
         self.next_block = 0
+        self.origin: tuple[int, ...] = ()
 
     def target(self, index: int, key: str) -> torch.Tensor:
-        """Batch ``index``'s target from the last :meth:`run`: ``"attention"`` or ``"stream"``."""
+        """Batch ``index``'s target from the last :meth:`run`: ``"attention"``, ``"stream"``, or
+        (with ``inputs``) ``"attention-in-j"`` / ``"mlp-in-j"``, the streams entering the
+        attention and the MLP of the j-th block of the origin."""
         return self.spill.get(f"{key}-{index}")
 
     def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor], pristine: bool = False) -> None:
@@ -364,7 +429,13 @@ class Reference:
         watch_names = {branch.output for block in origin for branch in self.map.blocks[block].attention}
         attention = []
         watch = {name: lambda node, value: attention.append(value) for name in watch_names}
+        self.origin = origin
         for block in blocks:
+            if self.inputs and len(origin) > 1 and block in origin:
+                position = origin.index(block)
+                self.spill.put(f"attention-in-{position}-{index}", env[self.boundaries[block]])
+                mlp_in = self.map.blocks[block].mlp[0].stream_in
+                watch[mlp_in] = lambda node, value, position=position: self.spill.put(f"mlp-in-{position}-{index}", value)
             self.runner.run_nodes(self.parts[block + 1].nodes, env, watch if block in origin else {})
             self.runner.drop(block + 1, env)
         self.spill.put(f"attention-{index}", sum(attention))
