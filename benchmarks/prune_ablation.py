@@ -31,14 +31,16 @@ from fxflatten.report import format_table
 from fxflatten.select import select_groups
 
 CONFIGS = {
-    "trajectory target, error-greedy heads, refit o_proj + down (default)": PruneConfig(target="trajectory", head_score="error"),
-    "trajectory target, error-greedy heads, error-pruned channels": PruneConfig(target="trajectory", head_score="error", channel_score="error"),
+    "trajectory target, input refits, error-greedy heads, refit o_proj + down (default)": PruneConfig(),
+    "trajectory target, input refits, error-greedy heads, error-pruned channels": PruneConfig(channel_score="error"),
+    "trajectory target, error-greedy heads, refit o_proj + down (no input refits)": PruneConfig(refit_inputs=False),
+    "trajectory target, error-greedy heads, error-pruned channels (no input refits)": PruneConfig(refit_inputs=False, channel_score="error"),
     "paper: widened target, energy heads, refit down only": PruneConfig(target="widened", head_score="energy", refit_attention=False),
     "widened target, energy heads, refit o_proj + down": PruneConfig(target="widened", head_score="energy"),
-    "serial target, energy heads, refit down only": PruneConfig(target="serial", head_score="energy", refit_attention=False),
-    "serial target, energy heads, refit o_proj + down": PruneConfig(target="serial", head_score="energy"),
-    "serial target, error-greedy heads, refit down only": PruneConfig(target="serial", head_score="error", refit_attention=False),
-    "serial target, error-greedy heads, refit o_proj + down": PruneConfig(target="serial", head_score="error"),
+    "serial target, energy heads, refit down only": PruneConfig(target="serial", head_score="energy", refit_attention=False, refit_inputs=False),
+    "serial target, energy heads, refit o_proj + down": PruneConfig(target="serial", head_score="energy", refit_inputs=False),
+    "serial target, error-greedy heads, refit down only": PruneConfig(target="serial", head_score="error", refit_attention=False, refit_inputs=False),
+    "serial target, error-greedy heads, refit o_proj + down": PruneConfig(target="serial", head_score="error", refit_inputs=False),
 }
 
 
