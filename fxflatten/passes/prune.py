@@ -275,12 +275,13 @@ class PrunePass(GraphPass):
         check_finite(gram, f"{key} statistics")
         maps = [ridge_solve(gram, cross, self.config.fit_ridge)[0].float() for cross in crosses]
         for projection in projections:
-            w = weight(gm, projection.linear).clone()
+            stored = weight(gm, projection.linear)
+            w = stored.float().clone()  # refitted in float32 whatever the weights are stored in
             chunk = projection.features // count
             for j, solution in enumerate(maps):
                 rows = slice(projection.start + j * chunk, projection.start + (j + 1) * chunk)
                 w[rows] = w[rows] @ solution.T
-            set_weight(gm, projection.linear, w)
+            set_weight(gm, projection.linear, w.to(stored.dtype))
 
     def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
         branch = single(block.attention, "attention")
