@@ -415,3 +415,13 @@ def test_add_gram_is_x_transpose_x_accumulated_in_float64(columns, pieces):
     total = add_gram(None, x, pieces)
     assert total is add_gram(total, 2 * x, pieces) and total.dtype == torch.float64
     torch.testing.assert_close(total, 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_without_input_refits_a_merged_block_keeps_its_input_projections():
+    """refit_inputs=False is the previous behaviour: with every head and channel kept and no
+    output refit to make, the serial target leaves the widened block's weights as they were."""
+    graph = capture(build("llama", Shape(layers=3)))
+    flat, plans = keep_everything(graph, [[0, 1]])
+    kept = PrunePass(CALIB, plans, PruneConfig(target="serial", refit_inputs=False), reference=graph)(flat).graph_module
+    for name, tensor in flat.state_dict().items():
+        torch.testing.assert_close(kept.state_dict()[name], tensor, rtol=0, atol=0)
