@@ -129,7 +129,8 @@ class SegmentRunner:
         members = {node.name for node in nodes}
         freed_after: dict[int, list[str]] = {}
         for node in nodes:
-            if all(user.name in members for user in node.users) and node.users:
+            # Readers in no segment (export's dtype assertions) never run: they keep nothing alive.
+            if node.users and all(user.name in members or user.name not in self.position for user in node.users):
                 last = max(i for i, other in enumerate(nodes) if node in other.all_input_nodes)
                 freed_after.setdefault(last, []).append(node.name)
         for position, node in enumerate(nodes):

@@ -5,6 +5,7 @@ import json
 import tempfile
 import weakref
 
+import networkx as nx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,6 +15,7 @@ from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.calibrate import SegmentRunner, StreamSlots, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
+from fxflatten.graph import to_digraph
 from fxflatten.leastsq import add_gram, prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
 from fxflatten.pipeline import compress, flatten
@@ -425,3 +427,63 @@ def test_without_input_refits_a_merged_block_keeps_its_input_projections():
     kept = PrunePass(CALIB, plans, PruneConfig(target="serial", refit_inputs=False), reference=graph)(flat).graph_module
     for name, tensor in flat.state_dict().items():
         torch.testing.assert_close(kept.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "qwen2"])
+def test_a_pruned_block_runs_its_attention_once_after_pruning_it_and_prunes_the_same(family, monkeypatch):
+    """After a merged block's attention is pruned, the stream it leaves replaces the block's
+    input in the slot: the MLP's input refit, its statistics and the final run start from it.
+    The attention then runs twice per batch (widened statistics, pruned once) instead of four
+    times, and the result is bit for bit what running it each time gives."""
+    graph = capture(build(family, Shape(layers=3)))
+    flat = flatten(graph, groups=[[0, 1]])
+    o_proj = discover_blocks(flat.graph).blocks[0].attention[0].attention.o.node
+    counts = []
+    original = SegmentRunner.run_nodes
+
+    def counting(self, nodes, env, watch):
+        counts[-1] += self.gm is not graph and any(node.name == o_proj for node in nodes)
+        return original(self, nodes, env, watch)
+
+    monkeypatch.setattr(SegmentRunner, "run_nodes", counting)
+    results = {}
+    for handoff in (True, False):
+        monkeypatch.setattr(prune_pass, "hands_off", lambda *args, handoff=handoff: handoff)
+        counts.append(0)
+        results[handoff] = logits(compress(graph, calib=CALIB, groups=[[0, 1]]).graph)
+    batches = len(batches_of(CALIB, PruneConfig().batch_size))
+    assert counts == [2 * batches, 4 * batches]
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=0)
+
+
+def test_the_attention_hands_off_only_when_the_mlp_reads_nothing_else_of_it():
+    """A block whose MLP side also reads the block's input stream (as a parallel block does)
+    keeps running its attention: its input must stay in the slot."""
+    graph = capture(build("llama", Shape(layers=2)))
+    block = discover_blocks(graph).blocks[0]
+    nodes = {node.name: node for node in graph.graph.nodes}
+    runner = SegmentRunner(graph, segments(graph, discover_blocks(graph)))
+    part = runner.parts[1]
+    stream_in = block_boundaries(graph, discover_blocks(graph))[0]
+    add = block.attention[-1].add
+    attention = [node for node in part.nodes if node.name in nx.ancestors(to_digraph(graph), add) | {add}]
+    assert prune_pass.hands_off(runner, part.nodes, attention, add, stream_in, 1)
+    down = nodes[block.mlp[0].mlp.down.node]
+    with graph.graph.inserting_after(down):
+        mixed = graph.graph.call_function(torch.ops.aten.add.Tensor, (down, nodes[stream_in]))
+    down.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+    graph.recompile()
+    runner = SegmentRunner(graph, segments(graph, discover_blocks(graph)))
+    assert not prune_pass.hands_off(runner, runner.parts[1].nodes, attention, add, stream_in, 1)
+
+
+def test_running_a_block_leaves_only_what_later_segments_read():
+    """Values whose only other readers are nodes no segment runs (export's dtype assertions)
+    are freed after their last real reader, not kept for every batch until the block ends."""
+    graph = capture(build("llama", Shape(layers=2)))
+    block_map = discover_blocks(graph)
+    runner = SegmentRunner(graph, segments(graph, block_map))
+    envs = runner.prologue(batches_of(CALIB, len(CALIB)))
+    before = set(envs[0])
+    runner.run_nodes(runner.parts[1].nodes, envs[0], {})
+    assert set(envs[0]) - before == {block_boundaries(graph, block_map)[1]}

@@ -210,6 +210,7 @@ class PrunePass(GraphPass):
                 part = parts[block.index + 1]
                 before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
                 attention_nodes = [node for node in part.nodes if node.name in before_mlp]
+                rest = part.nodes  # what is still to run of the block on each batch's stream slot
                 targets = None
                 pruned = plan.kv_heads is not None or plan.width is not None
                 if reference and plan.origin and pruned:
@@ -232,14 +233,24 @@ class PrunePass(GraphPass):
                                           attention_nodes, dag, targets, "attention-in")
                     self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
                     release_free_memory()
+                    add = block.attention[-1].add
+                    if hands_off(runner, part.nodes, attention_nodes, add, boundaries[block.index], block.index + 1):
+                        # The MLP's refit, its statistics and the final run all start from the
+                        # stream after the (now pruned) attention: run the attention once and keep
+                        # that stream in the slot instead of running it three times.
+                        for index, env in enumerate(envs):
+                            runner.run_nodes(attention_nodes, env, {})
+                            del env[boundaries[block.index]]
+                            stream.store(index, env, add)
+                        rest = [node for node in part.nodes if node.name not in before_mlp]
                     if inputs:
                         mlp = single(block.mlp, "MLP")
                         projections = [p for p in (mlp.mlp.gate, mlp.mlp.up) if p is not None]
-                        self.refit_inputs(gm, nodes, mlp, projections, envs, runner, part.nodes, dag, targets, "mlp-in")
-                    self.prune_mlp(gm, nodes, block, plan, envs, runner, part.nodes, targets)
+                        self.refit_inputs(gm, nodes, mlp, projections, envs, runner, rest, dag, targets, "mlp-in")
+                    self.prune_mlp(gm, nodes, block, plan, envs, runner, rest, targets)
                     release_free_memory()
                 for index, env in enumerate(envs):
-                    runner.run_nodes(part.nodes, env, {})
+                    runner.run_nodes(rest, env, {})
                     runner.drop(block.index + 1, env)
                     stream.store(index, env, boundaries[block.index + 1])
         return PassResult(finish(gm), True)
@@ -349,6 +360,19 @@ class PrunePass(GraphPass):
         slice_inputs(gm, projections, [keep] * len(projections))
         ridge = refit_output(gm, layout.down, keep, moments, config.fit_ridge, config.refit_mlp)
         self.report.blocks.setdefault(block.index, {}).update(mlp_channels_kept=int(plan.width), mlp_ridge=ridge)
+
+
+def hands_off(runner: SegmentRunner, part_nodes, attention_nodes, add: str, stream_in: str, position: int) -> bool:
+    """Whether nothing reads the block's attention side (or its input stream) except through the
+    stream it leaves for the MLP, so that stream can replace the block's input between passes.
+
+    True for a sequential pre-norm block; false for a parallel block (GPT-J's MLP reads the block
+    input) or a graph that also outputs a value from inside the attention.
+    """
+    inside = {node.name for node in attention_nodes} | {stream_in}
+    mlp_reads = {source.name for node in part_nodes if node.name not in inside for source in node.all_input_nodes}
+    read_later = {name for name in inside if runner.last_use.get(name, -1) > position}
+    return (mlp_reads | read_later) & inside == {add}
 
 
 def single(stage: tuple[Branch, ...], what: str) -> Branch:
