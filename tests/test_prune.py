@@ -487,3 +487,30 @@ def test_running_a_block_leaves_only_what_later_segments_read():
     before = set(envs[0])
     runner.run_nodes(runner.parts[1].nodes, envs[0], {})
     assert set(envs[0]) - before == {block_boundaries(graph, block_map)[1]}
+
+
+def test_input_refit_fits_each_distinct_input_of_the_projections(monkeypatch):
+    """Where v reads another value than q and k (here a copy of their normalised stream), its
+    rows are refitted from what v itself reads: one fit per distinct input, same weights."""
+    graph = capture(build("llama", Shape(layers=3)))
+    config = PruneConfig(target="serial")
+    flat, plans = keep_everything(graph, [[0, 1]])
+    expected = PrunePass(CALIB, plans, config, reference=graph)(flat).graph_module
+    flat, plans = keep_everything(graph, [[0, 1]])
+    v = discover_blocks(flat).blocks[0].attention[0].attention.v.linear
+    node = next(node for node in flat.graph.nodes if node.name == v.node)
+    with flat.graph.inserting_before(node):
+        copy = flat.graph.call_function(torch.ops.aten.clone.default, (node.args[0],))
+    node.replace_input_with(node.args[0], copy)
+    flat.recompile()
+    fits = []
+    original = PrunePass.input_maps
+
+    def spy(self, x_node, branch, *args):
+        fits.append((branch.kind, x_node.name))
+        return original(self, x_node, branch, *args)
+
+    monkeypatch.setattr(PrunePass, "input_maps", spy)
+    refitted = PrunePass(CALIB, plans, config, reference=graph)(flat).graph_module
+    assert [kind for kind, _ in fits] == ["attention", "attention", "mlp"] and copy.name in {name for _, name in fits}
+    torch.testing.assert_close(logits(refitted), logits(expected), rtol=1e-5, atol=1e-5)

@@ -263,10 +263,28 @@ class PrunePass(GraphPass):
         A fused branch holds one chunk of rows per original block; chunk j's target input is
         the branch's own normalisation applied to original block j's stream (from the reference).
         Each chunk's rows become ``W B_j^T``, with ``B_j`` the ridge least-squares map from the
-        compressed inputs to the target inputs.
+        compressed inputs to the target inputs, fitted once per distinct input (q, k and v
+        usually read one normalised stream).
         """
-        first = projections[0].linear
-        x_node = linear_input(nodes[first.node], first)
+        by_input: dict[str, list[Projection]] = {}
+        for projection in projections:
+            by_input.setdefault(linear_input(nodes[projection.linear.node], projection.linear).name, []).append(projection)
+        count = len(targets.origin)
+        for name, group in by_input.items():
+            maps = self.input_maps(nodes[name], branch, envs, runner, part_nodes, dag, targets, key)
+            for projection in group:
+                stored = weight(gm, projection.linear)
+                w = stored.float().clone()  # refitted in float32 whatever the weights are stored in
+                chunk = projection.features // count
+                for j, solution in enumerate(maps):
+                    rows = slice(projection.start + j * chunk, projection.start + (j + 1) * chunk)
+                    w[rows] = w[rows] @ solution.T
+                set_weight(gm, projection.linear, w.to(stored.dtype))
+
+    def input_maps(self, x_node, branch: Branch, envs, runner, part_nodes, dag, targets: "Reference",
+                   key: str) -> list[torch.Tensor]:
+        """Per origin block j, the ridge map ``B_j`` from ``x_node`` on the compressed stream to
+        ``x_node`` computed from block j's own stream in the target."""
         ancestors = nx.ancestors(dag, x_node.name) | {x_node.name}
         compute = [node for node in part_nodes if node.name in ancestors]
         between = nx.descendants(dag, branch.stream_in)
@@ -284,15 +302,7 @@ class PrunePass(GraphPass):
                 runner.run_nodes(normalise, scratch, {x_node.name: lambda node, value: seen.update(t=value.flatten(0, -2).float())})
                 crosses[j] = accumulate(crosses[j], x.T @ seen["t"])
         check_finite(gram, f"{key} statistics")
-        maps = [ridge_solve(gram, cross, self.config.fit_ridge)[0].float() for cross in crosses]
-        for projection in projections:
-            stored = weight(gm, projection.linear)
-            w = stored.float().clone()  # refitted in float32 whatever the weights are stored in
-            chunk = projection.features // count
-            for j, solution in enumerate(maps):
-                rows = slice(projection.start + j * chunk, projection.start + (j + 1) * chunk)
-                w[rows] = w[rows] @ solution.T
-            set_weight(gm, projection.linear, w.to(stored.dtype))
+        return [ridge_solve(gram, cross, self.config.fit_ridge)[0].float() for cross in crosses]
 
     def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
         branch = single(block.attention, "attention")
