@@ -41,6 +41,10 @@ CONFIGS = {
     "serial target, energy heads, refit o_proj + down": PruneConfig(target="serial", head_score="energy", refit_inputs=False),
     "serial target, error-greedy heads, refit down only": PruneConfig(target="serial", head_score="error", refit_attention=False, refit_inputs=False),
     "serial target, error-greedy heads, refit o_proj + down": PruneConfig(target="serial", head_score="error", refit_inputs=False),
+    # The default with one knob moved (python -m benchmarks.prune_ablation --configs ridge).
+    "default, refit ridge 1e-2 x mean diagonal (default 1e-3)": PruneConfig(fit_ridge=1e-2),
+    "default, refit ridge 1e-4 x mean diagonal": PruneConfig(fit_ridge=1e-4),
+    "default, leverage ridge 1 x mean eigenvalue (default 10)": PruneConfig(leverage_ridge=1.0),
 }
 
 
@@ -95,11 +99,15 @@ def write_results(args: argparse.Namespace, groups: list[list[int]], eval_window
         ["method", "layers", "parameters", "removed", "perplexity", "x dense"],
         [[r["method"], r["layers"], r["parameters"], f"{r['ratio']:.3f}", r["perplexity"], f"{r['perplexity'] / base:.3f}"] for r in rows],
     )
+    command = f"python -m benchmarks.prune_ablation --select {args.select}"
+    if args.configs:
+        command += " --configs " + " ".join(repr(part) for part in args.configs)
     header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}, groups chosen by {args.select}: {groups}. "
               f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {eval_windows} x {args.seq_len} "
-              f"tokens of the default evaluation text. Regenerate: python -m benchmarks.prune_ablation --select {args.select}\n")
+              f"tokens of the default evaluation text. Regenerate: {command}\n")
     RESULTS.mkdir(exist_ok=True)
-    stem = "prune_ablation" if args.select == "cosine" and not args.configs else f"prune_ablation_select_{args.select}"
+    # A run of some configurations keeps its own file, so that it never replaces the full table.
+    stem = "prune_ablation" + ("" if args.select == "cosine" else f"_select_{args.select}") + ("_subset" if args.configs else "")
     (RESULTS / f"{stem}.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
     (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "groups": groups, "rows": rows}, indent=2))
     return table
