@@ -127,12 +127,15 @@ class SegmentRunner:
             return env[arg.name]
 
         members = {node.name for node in nodes}
+        last_reader: dict[str, int] = {}
+        for position, node in enumerate(nodes):
+            for source in node.all_input_nodes:
+                last_reader[source.name] = position
         freed_after: dict[int, list[str]] = {}
-        for node in nodes:
+        for position, node in enumerate(nodes):
             # Readers in no segment (export's dtype assertions) never run: they keep nothing alive.
             if node.users and all(user.name in members or user.name not in self.position for user in node.users):
-                last = max(i for i, other in enumerate(nodes) if node in other.all_input_nodes)
-                freed_after.setdefault(last, []).append(node.name)
+                freed_after.setdefault(last_reader.get(node.name, position), []).append(node.name)
         for position, node in enumerate(nodes):
             if node.op == "placeholder":
                 continue
