@@ -92,9 +92,9 @@ def test_trajectory_starts_where_the_first_changed_block_does(monkeypatch):
     starts = []
     advance = Reference.advance
 
-    def spy(self, origin, seed=None):
+    def spy(self, origin, *args):
         starts.append(self.next_block)
-        return advance(self, origin, seed)
+        return advance(self, origin, *args)
 
     monkeypatch.setattr(Reference, "advance", spy)
     trajectory = compress(graph, calib=CALIB, groups=[[2, 3]], config=PruneConfig(target="trajectory")).graph
@@ -105,20 +105,28 @@ def test_trajectory_starts_where_the_first_changed_block_does(monkeypatch):
 
 @torch.no_grad()
 def test_reference_keeps_its_stream_and_targets_on_disk():
-    """Only the side inputs stay in memory; the spilled targets are the original model's own."""
+    """Only the side inputs stay in memory; the spilled targets are the original model's own,
+    and with ``inputs`` so are the streams entering each origin block and its MLP."""
     graph = capture(build("llama", Shape(layers=4)))
+    block_map = discover_blocks(graph)
     batches = batches_of(CALIB, 4)
-    runner = SegmentRunner(graph, segments(graph, discover_blocks(graph)))
+    runner = SegmentRunner(graph, segments(graph, block_map))
     envs = runner.start(batches)
+    boundaries = block_boundaries(graph, block_map)
+    mlp_ins = [block_map.blocks[block].mlp[0].stream_in for block in (1, 2)]
+    seen = {}
+    watch = {name: lambda node, value: seen.setdefault(node.name, []).append(value) for name in boundaries[1:3] + mlp_ins}
     for index in range(4):  # prologue and blocks 0..2
-        runner.run(index, envs)
-    after_block_2 = block_boundaries(graph, discover_blocks(graph))[3]
+        runner.run(index, envs, watch)
     with Spill() as spill:
         reference = Reference(graph, batches, spill, trajectory=True)
-        reference.run((1, 2), [])
+        reference.run((1, 2), [], inputs=True)
         assert all(set(env) <= side for env, side in zip(reference.envs, reference.side))
         for index, env in enumerate(envs):
-            torch.testing.assert_close(reference.target(index, "stream"), env[after_block_2], rtol=0, atol=0)
+            torch.testing.assert_close(reference.target(index, "stream"), env[boundaries[3]], rtol=0, atol=0)
+            for j in (0, 1):
+                torch.testing.assert_close(reference.target(index, f"attention-in-{j}"), seen[boundaries[1 + j]][index], rtol=0, atol=0)
+                torch.testing.assert_close(reference.target(index, f"mlp-in-{j}"), seen[mlp_ins[j]][index], rtol=0, atol=0)
         directory = spill.directory
     assert not directory.exists()
 
@@ -474,6 +482,24 @@ def test_the_attention_hands_off_only_when_the_mlp_reads_nothing_else_of_it():
     down.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
     graph.recompile()
     runner = SegmentRunner(graph, segments(graph, discover_blocks(graph)))
+    assert not prune_pass.hands_off(runner, runner.parts[1].nodes, attention, add, stream_in, 1)
+
+
+def test_the_attention_does_not_hand_off_a_value_the_graph_outputs():
+    """A value inside the attention that the graph also returns must be computed on each run."""
+    graph = capture(build("llama", Shape(layers=2)))
+    block_map = discover_blocks(graph)
+    block = block_map.blocks[0]
+    stream_in = block_boundaries(graph, block_map)[0]
+    add = block.attention[-1].add
+    runner = SegmentRunner(graph, segments(graph, block_map))
+    part = runner.parts[1]
+    attention = [node for node in part.nodes if node.name in nx.ancestors(to_digraph(graph), add) | {add}]
+    assert prune_pass.hands_off(runner, part.nodes, attention, add, stream_in, 1)
+    output = next(node for node in graph.graph.nodes if node.op == "output")
+    query = next(node for node in attention if node.name == block.attention[0].attention.q.linear.node)
+    output.args = ((output.args[0], query),)
+    runner = SegmentRunner(graph, segments(graph, block_map))
     assert not prune_pass.hands_off(runner, runner.parts[1].nodes, attention, add, stream_in, 1)
 
 

@@ -22,8 +22,7 @@ rows of q/k/v (then gate/up) are refitted by ridge least squares so that, on the
 stream, they compute what they compute on that block's own stream in the target; the attention
 and MLP nonlinearities then see inputs closer to the original's, which no output refit can give
 them. Keeping every head and channel with the widened target changes nothing. Any block can be
-pruned, widened or not, so this is also a plain
-width-pruning pass.
+pruned, widened or not, so this is also a plain width-pruning pass.
 """
 
 from __future__ import annotations
@@ -203,8 +202,7 @@ class PrunePass(GraphPass):
         with Spill() as spill:
             reference = None
             if self.config.target != "widened":
-                reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory",
-                                      inputs=self.config.refit_inputs)
+                reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory")
             blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
             for block, plan in zip(blocks, self.plans):
                 part = parts[block.index + 1]
@@ -213,24 +211,24 @@ class PrunePass(GraphPass):
                 rest = part.nodes  # what is still to run of the block on each batch's stream slot
                 targets = None
                 pruned = plan.kv_heads is not None or plan.width is not None
+                # Only a merged block reads a stream other than its original's by construction;
+                # refitting single blocks toward the drift the blocks before them left made
+                # the default model worse (1.43x -> 1.63x dense perplexity at --ratio 0.2).
+                inputs = self.config.refit_inputs and reference is not None and len(plan.origin) > 1
                 if reference and plan.origin and pruned:
                     pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
-                    reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine)
+                    reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine, inputs)
                     targets = reference
                 # Statistics passes run on a scratch copy of each batch's values, so that between
                 # batches only the stream entering the block is held, never the block's insides.
                 # Each step frees what the one before it built: give that back before it starts.
                 if pruned:
-                    # Only a merged block reads a stream other than its original's by construction;
-                    # refitting single blocks toward the drift the blocks before them left made
-                    # the default model worse (1.43x -> 1.63x dense perplexity at --ratio 0.2).
-                    inputs = self.config.refit_inputs and targets is not None and len(plan.origin) > 1
                     release_free_memory()
                     if inputs:
                         attention = single(block.attention, "attention")
                         layout = attention.attention
                         self.refit_inputs(gm, nodes, attention, [layout.q, layout.k, layout.v], envs, runner,
-                                          attention_nodes, dag, targets, "attention-in")
+                                          attention_nodes, dag, targets, len(plan.origin), "attention-in")
                     self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
                     release_free_memory()
                     add = block.attention[-1].add
@@ -246,7 +244,8 @@ class PrunePass(GraphPass):
                     if inputs:
                         mlp = single(block.mlp, "MLP")
                         projections = [p for p in (mlp.mlp.gate, mlp.mlp.up) if p is not None]
-                        self.refit_inputs(gm, nodes, mlp, projections, envs, runner, rest, dag, targets, "mlp-in")
+                        self.refit_inputs(gm, nodes, mlp, projections, envs, runner, rest, dag, targets, len(plan.origin),
+                                          "mlp-in")
                     self.prune_mlp(gm, nodes, block, plan, envs, runner, rest, targets)
                     release_free_memory()
                 for index, env in enumerate(envs):
@@ -256,12 +255,13 @@ class PrunePass(GraphPass):
         return PassResult(finish(gm), True)
 
     def refit_inputs(self, gm, nodes, branch: Branch, projections: list[Projection], envs, runner, part_nodes, dag,
-                     targets: "Reference", key: str) -> None:
+                     targets: "Reference", count: int, key: str) -> None:
         """Refit the branch's input projections so that what they compute on the compressed stream
         matches what they would compute on the target streams.
 
-        A fused branch holds one chunk of rows per original block; chunk j's target input is
-        the branch's own normalisation applied to original block j's stream (from the reference).
+        A fused branch holds one chunk of rows per original block (``count`` of them); chunk j's
+        target input is the branch's own normalisation applied to original block j's stream (from
+        the reference).
         Each chunk's rows become ``W B_j^T``, with ``B_j`` the ridge least-squares map from the
         compressed inputs to the target inputs, fitted once per distinct input (q, k and v
         usually read one normalised stream).
@@ -269,9 +269,8 @@ class PrunePass(GraphPass):
         by_input: dict[str, list[Projection]] = {}
         for projection in projections:
             by_input.setdefault(linear_input(nodes[projection.linear.node], projection.linear).name, []).append(projection)
-        count = len(targets.origin)
         for name, group in by_input.items():
-            maps = self.input_maps(nodes[name], branch, envs, runner, part_nodes, dag, targets, key)
+            maps = self.input_maps(nodes[name], branch, envs, runner, part_nodes, dag, targets, count, key)
             for projection in group:
                 stored = weight(gm, projection.linear)
                 w = stored.float().clone()  # refitted in float32 whatever the weights are stored in
@@ -281,7 +280,7 @@ class PrunePass(GraphPass):
                     w[rows] = w[rows] @ solution.T
                 set_weight(gm, projection.linear, w.to(stored.dtype))
 
-    def input_maps(self, x_node, branch: Branch, envs, runner, part_nodes, dag, targets: "Reference",
+    def input_maps(self, x_node, branch: Branch, envs, runner, part_nodes, dag, targets: "Reference", count: int,
                    key: str) -> list[torch.Tensor]:
         """Per origin block j, the ridge map ``B_j`` from ``x_node`` on the compressed stream to
         ``x_node`` computed from block j's own stream in the target."""
@@ -289,7 +288,6 @@ class PrunePass(GraphPass):
         compute = [node for node in part_nodes if node.name in ancestors]
         between = nx.descendants(dag, branch.stream_in)
         normalise = [node for node in compute if node.name in between]
-        count = len(targets.origin)
         gram, crosses = None, [None] * count
         for index, env in enumerate(envs):
             seen = {}
@@ -404,7 +402,7 @@ class Reference:
     """
 
     def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], spill: Spill,
-                 trajectory: bool = False, inputs: bool = False) -> None:
+                 trajectory: bool = False) -> None:
         self.map = discover_blocks(graph)
         self.parts = segments(graph, self.map)
         self.runner = SegmentRunner(graph, self.parts)
@@ -415,38 +413,38 @@ class Reference:
         # the trajectory from the compressed stream instead, or (serial) never reads it.
         self.side = [set(env) - {self.boundaries[0]} for env in self.envs]
         self.trajectory = trajectory
-        self.inputs = inputs
         self.next_block = 0
-        self.origin: tuple[int, ...] = ()
 
     def target(self, index: int, key: str) -> torch.Tensor:
         """Batch ``index``'s target from the last :meth:`run`: ``"attention"``, ``"stream"``, or
-        (with ``inputs``) ``"attention-in-j"`` / ``"mlp-in-j"``, the streams entering the
-        attention and the MLP of the j-th block of the origin."""
+        (after a run with ``inputs``) ``"attention-in-j"`` / ``"mlp-in-j"``, the streams entering
+        the attention and the MLP of the j-th block of the origin."""
         return self.spill.get(f"{key}-{index}")
 
-    def run(self, origin: tuple[int, ...], inputs: list[torch.Tensor], pristine: bool = False) -> None:
-        """Run original blocks ``origin`` in series on each batch's stream ``inputs``.
+    def run(self, origin: tuple[int, ...], streams: list[torch.Tensor], pristine: bool = False,
+            inputs: bool = False) -> None:
+        """Run original blocks ``origin`` in series on each batch's stream ``streams``.
 
-        ``pristine`` says no block before ``origin`` was changed, so ``inputs`` is also the
+        ``pristine`` says no block before ``origin`` was changed, so ``streams`` is also the
         original model's own stream there: a trajectory starts from it instead of running the
-        original blocks before it a second time.
+        original blocks before it a second time. ``inputs`` also spills the streams entering
+        each origin block's attention and MLP, for input refits.
         """
         if self.trajectory:
             seed = None
             if pristine and self.next_block == 0:
-                seed = inputs
+                seed = streams
                 self.next_block = origin[0]
-            self.advance(origin, seed)
+            self.advance(origin, seed, inputs)
             return
-        for index, (stream, env, side) in enumerate(zip(inputs, self.envs, self.side)):
+        for index, (stream, env, side) in enumerate(zip(streams, self.envs, self.side)):
             env[self.boundaries[origin[0]]] = stream
-            self.run_blocks(index, env, range(origin[0], origin[-1] + 1), origin)
+            self.run_blocks(index, env, range(origin[0], origin[-1] + 1), origin, inputs)
             for name in list(env):
                 if name not in side:
                     del env[name]
 
-    def advance(self, origin: tuple[int, ...], seed: list[torch.Tensor] | None = None) -> None:
+    def advance(self, origin: tuple[int, ...], seed: list[torch.Tensor] | None = None, inputs: bool = False) -> None:
         """Run the original model on its own stream (or ``seed``) up to the end of ``origin``."""
         if origin[0] < self.next_block:
             raise FxflattenError("trajectory targets need the blocks in order")
@@ -456,17 +454,17 @@ class Reference:
                 env[self.boundaries[self.next_block]] = seed[index]
             elif self.boundaries[self.next_block] not in env:
                 env[self.boundaries[self.next_block]] = self.target(index, "stream")
-            self.run_blocks(index, env, range(self.next_block, origin[-1] + 1), origin)
+            self.run_blocks(index, env, range(self.next_block, origin[-1] + 1), origin, inputs)
         self.next_block = origin[-1] + 1
 
-    def run_blocks(self, index: int, env: dict[str, object], blocks: range, origin: tuple[int, ...]) -> None:
+    def run_blocks(self, index: int, env: dict[str, object], blocks: range, origin: tuple[int, ...],
+                   inputs: bool = False) -> None:
         """Run ``blocks`` on batch ``index``; spill the stream they leave and ``origin``'s attention."""
         watch_names = {branch.output for block in origin for branch in self.map.blocks[block].attention}
         attention = []
         watch = {name: lambda node, value: attention.append(value) for name in watch_names}
-        self.origin = origin
         for block in blocks:
-            if self.inputs and len(origin) > 1 and block in origin:
+            if inputs and block in origin:
                 position = origin.index(block)
                 self.spill.put(f"attention-in-{position}-{index}", env[self.boundaries[block]])
                 mlp_in = self.map.blocks[block].mlp[0].stream_in
