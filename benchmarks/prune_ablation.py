@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 
 import torch
@@ -101,7 +102,7 @@ def write_results(args: argparse.Namespace, groups: list[list[int]], eval_window
     )
     command = f"python -m benchmarks.prune_ablation --select {args.select}"
     if args.configs:
-        command += " --configs " + " ".join(repr(part) for part in args.configs)
+        command += " --configs " + shlex.join(args.configs)
     header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}, groups chosen by {args.select}: {groups}. "
               f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {eval_windows} x {args.seq_len} "
               f"tokens of the default evaluation text. Regenerate: {command}\n")
