@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import fxflatten.passes.prune as prune_pass
 from fxflatten import FxflattenError, capture, discover_blocks
-from fxflatten.calibrate import SegmentRunner, StreamSlots, batches_of, block_boundaries, segments
+from fxflatten.calibrate import SegmentRunner, SpilledStream, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
 from fxflatten.graph import to_digraph
@@ -162,15 +162,29 @@ def test_ridge_leverage_ranks_a_dominant_channel_first_and_leaves_the_moments_al
     torch.testing.assert_close(gram, before, rtol=0, atol=0)
 
 
-def test_stream_slots_keep_every_batch_stream_in_one_buffer():
-    envs = [{"stream": torch.full((2, 3), 1.0)}, {"stream": torch.full((1, 3), 2.0)}]
-    slots = StreamSlots(envs, "stream")
-    storage = envs[0]["stream"].untyped_storage().data_ptr()
-    assert envs[1]["stream"].untyped_storage().data_ptr() == storage
-    envs[1]["stream"] = torch.full((1, 3), 5.0)  # a block's output, freshly allocated
-    slots.store(1, envs[1], "stream")
-    assert envs[1]["stream"].untyped_storage().data_ptr() == storage
-    assert envs[1]["stream"].tolist() == [[5.0] * 3] and envs[0]["stream"].tolist() == [[1.0] * 3] * 2
+@torch.no_grad()
+def test_spilled_stream_holds_only_the_running_batch_stream_in_memory():
+    graph = capture(build("llama", Shape(layers=2)))
+    block_map = discover_blocks(graph)
+    runner = SegmentRunner(graph, segments(graph, block_map))
+    boundaries = block_boundaries(graph, block_map)
+    batches = batches_of(CALIB, 2)
+    expected = runner.prologue(batches)  # every stream in memory, to compare with
+    runner.run(1, expected)
+    with Spill() as spill:
+        stream = SpilledStream(spill, runner, batches, boundaries[0])
+        assert not any(set(env) & set(boundaries) for env in stream.envs)
+        for index, env in stream.batches():
+            held = [(i, name) for i, other in enumerate(stream.envs) for name in other if name in boundaries]
+            assert held == [(index, boundaries[0])]
+            runner.run_nodes(runner.parts[1].nodes, env, {})
+            runner.drop(1, env)
+            stream.store(index, env, boundaries[1])
+        assert not any(set(env) & set(boundaries) for env in stream.envs)
+        assert len(stream) == len(batches)
+        for value, env in zip(stream, expected, strict=True):
+            torch.testing.assert_close(value, env[boundaries[1]], rtol=0, atol=0)
+        assert [name for _, env in stream.batches() for name in env if name in boundaries] == [boundaries[1]] * len(batches)
 
 
 def test_prologue_shares_the_values_that_do_not_depend_on_the_tokens():

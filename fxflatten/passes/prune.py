@@ -28,6 +28,7 @@ pruned, widened or not, so this is also a plain width-pruning pass.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
@@ -38,7 +39,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
-from fxflatten.calibrate import SegmentRunner, StreamSlots, batches_of, block_boundaries, segments
+from fxflatten.calibrate import SegmentRunner, SpilledStream, batches_of, block_boundaries, segments
 from fxflatten.channels import rescale_constants
 from fxflatten.errors import FxflattenError
 from fxflatten.graph import discover_blocks, linear_input, to_digraph
@@ -195,11 +196,10 @@ class PrunePass(GraphPass):
         parts = segments(gm, block_map)
         runner = SegmentRunner(gm, parts)
         batches = batches_of(self.windows, self.config.batch_size)
-        envs = runner.prologue(batches)
         boundaries = block_boundaries(gm, block_map)
-        stream = StreamSlots(envs, boundaries[0])
         dag = to_digraph(gm)
         with Spill() as spill:
+            stream = SpilledStream(spill, runner, batches, boundaries[0])
             reference = None
             if self.config.target != "widened":
                 reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory")
@@ -208,7 +208,7 @@ class PrunePass(GraphPass):
                 part = parts[block.index + 1]
                 before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
                 attention_nodes = [node for node in part.nodes if node.name in before_mlp]
-                rest = part.nodes  # what is still to run of the block on each batch's stream slot
+                rest = part.nodes  # what is still to run of the block on each batch's stored stream
                 targets = None
                 pruned = plan.kv_heads is not None or plan.width is not None
                 # Only a merged block reads a stream other than its original's by construction;
@@ -217,7 +217,7 @@ class PrunePass(GraphPass):
                 inputs = self.config.refit_inputs and reference is not None and len(plan.origin) > 1
                 if reference and plan.origin and pruned:
                     pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
-                    reference.run(plan.origin, [env[boundaries[block.index]] for env in envs], pristine, inputs)
+                    reference.run(plan.origin, stream, pristine, inputs)
                     targets = reference
                 # Statistics passes run on a scratch copy of each batch's values, so that between
                 # batches only the stream entering the block is held, never the block's insides.
@@ -227,34 +227,33 @@ class PrunePass(GraphPass):
                     if inputs:
                         attention = single(block.attention, "attention")
                         layout = attention.attention
-                        self.refit_inputs(gm, nodes, attention, [layout.q, layout.k, layout.v], envs, runner,
+                        self.refit_inputs(gm, nodes, attention, [layout.q, layout.k, layout.v], stream, runner,
                                           attention_nodes, dag, targets, len(plan.origin), "attention-in")
-                    self.prune_attention(gm, nodes, block, plan, envs, runner, attention_nodes, targets)
+                    self.prune_attention(gm, nodes, block, plan, stream, runner, attention_nodes, targets)
                     release_free_memory()
                     add = block.attention[-1].add
                     if hands_off(runner, part.nodes, attention_nodes, add, boundaries[block.index], block.index + 1):
                         # The MLP's refit, its statistics and the final run all start from the
-                        # stream after the (now pruned) attention: run the attention once and keep
-                        # that stream in the slot instead of running it three times.
-                        for index, env in enumerate(envs):
+                        # stream after the (now pruned) attention: run the attention once and store
+                        # that stream instead of the block's input, not three times.
+                        for index, env in stream.batches():
                             runner.run_nodes(attention_nodes, env, {})
-                            del env[boundaries[block.index]]
                             stream.store(index, env, add)
                         rest = [node for node in part.nodes if node.name not in before_mlp]
                     if inputs:
                         mlp = single(block.mlp, "MLP")
                         projections = [p for p in (mlp.mlp.gate, mlp.mlp.up) if p is not None]
-                        self.refit_inputs(gm, nodes, mlp, projections, envs, runner, rest, dag, targets, len(plan.origin),
+                        self.refit_inputs(gm, nodes, mlp, projections, stream, runner, rest, dag, targets, len(plan.origin),
                                           "mlp-in")
-                    self.prune_mlp(gm, nodes, block, plan, envs, runner, rest, targets)
+                    self.prune_mlp(gm, nodes, block, plan, stream, runner, rest, targets)
                     release_free_memory()
-                for index, env in enumerate(envs):
+                for index, env in stream.batches():
                     runner.run_nodes(rest, env, {})
                     runner.drop(block.index + 1, env)
                     stream.store(index, env, boundaries[block.index + 1])
         return PassResult(finish(gm), True)
 
-    def refit_inputs(self, gm, nodes, branch: Branch, projections: list[Projection], envs, runner, part_nodes, dag,
+    def refit_inputs(self, gm, nodes, branch: Branch, projections: list[Projection], stream, runner, part_nodes, dag,
                      targets: "Reference", count: int, key: str) -> None:
         """Refit the branch's input projections so that what they compute on the compressed stream
         matches what they would compute on the target streams.
@@ -270,7 +269,7 @@ class PrunePass(GraphPass):
         for projection in projections:
             by_input.setdefault(linear_input(nodes[projection.linear.node], projection.linear).name, []).append(projection)
         for name, group in by_input.items():
-            maps = self.input_maps(nodes[name], branch, envs, runner, part_nodes, dag, targets, count, key)
+            maps = self.input_maps(nodes[name], branch, stream, runner, part_nodes, dag, targets, count, key)
             for projection in group:
                 stored = weight(gm, projection.linear)
                 w = stored.float().clone()  # refitted in float32 whatever the weights are stored in
@@ -280,7 +279,7 @@ class PrunePass(GraphPass):
                     w[rows] = w[rows] @ solution.T
                 set_weight(gm, projection.linear, w.to(stored.dtype))
 
-    def input_maps(self, x_node, branch: Branch, envs, runner, part_nodes, dag, targets: "Reference", count: int,
+    def input_maps(self, x_node, branch: Branch, stream, runner, part_nodes, dag, targets: "Reference", count: int,
                    key: str) -> list[torch.Tensor]:
         """Per origin block j, the ridge map ``B_j`` from ``x_node`` on the compressed stream to
         ``x_node`` computed from block j's own stream in the target."""
@@ -289,7 +288,7 @@ class PrunePass(GraphPass):
         between = nx.descendants(dag, branch.stream_in)
         normalise = [node for node in compute if node.name in between]
         gram, crosses = None, [None] * count
-        for index, env in enumerate(envs):
+        for index, env in stream.batches():
             seen = {}
             runner.run_nodes(compute, dict(env), {x_node.name: lambda node, value: seen.update(x=value.flatten(0, -2).float())})
             x = seen["x"]
@@ -302,7 +301,7 @@ class PrunePass(GraphPass):
         check_finite(gram, f"{key} statistics")
         return [ridge_solve(gram, cross, self.config.fit_ridge)[0].float() for cross in crosses]
 
-    def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
+    def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, stream, runner, part_nodes, targets) -> None:
         branch = single(block.attention, "attention")
         layout = branch.attention
         if plan.kv_heads is None or plan.kv_heads == layout.num_kv_heads:
@@ -312,7 +311,7 @@ class PrunePass(GraphPass):
         config = self.config
         moments = Moments(with_bias=layout.o.bias is not None)
         x_node = linear_input(nodes[layout.o.node], layout.o)
-        for index, env in enumerate(envs):
+        for index, env in stream.batches():
             target = None if targets is None else targets.target(index, "attention")
             runner.run_nodes(part_nodes, dict(env), {x_node.name: lambda node, value: moments.add(value, target)})
         moments.check(f"block {block.index}: attention statistics")
@@ -335,7 +334,7 @@ class PrunePass(GraphPass):
         ridge = refit_output(gm, layout.o, keep_columns, moments, config.fit_ridge, config.refit_attention)
         self.report.blocks.setdefault(block.index, {}).update(kv_groups_kept=keep_groups, attention_ridge=ridge)
 
-    def prune_mlp(self, gm, nodes, block: Block, plan: BlockPlan, envs, runner, part_nodes, targets) -> None:
+    def prune_mlp(self, gm, nodes, block: Block, plan: BlockPlan, stream, runner, part_nodes, targets) -> None:
         branch = single(block.mlp, "MLP")
         layout = branch.mlp
         if plan.width is None or plan.width == layout.width:
@@ -346,7 +345,7 @@ class PrunePass(GraphPass):
         moments = Moments(with_bias=layout.down.bias is not None)
         x_node = linear_input(nodes[layout.down.node], layout.down)
         stream_in = branch.stream_in
-        for index, env in enumerate(envs):
+        for index, env in stream.batches():
             scratch = dict(env)
             target = None if targets is None else targets.target(index, "stream")
 
@@ -408,10 +407,12 @@ class Reference:
         self.runner = SegmentRunner(graph, self.parts)
         self.boundaries = block_boundaries(graph, self.map)
         self.spill = spill
-        self.envs = self.runner.prologue(batches)
-        # The stream entering block 0 stays in memory until the first run, which usually seeds
-        # the trajectory from the compressed stream instead, or (serial) never reads it.
-        self.side = [set(env) - {self.boundaries[0]} for env in self.envs]
+        # The stream entering block 0 goes to disk as each batch's prologue makes it: the first
+        # run usually seeds the trajectory from the compressed stream instead, or (serial) never
+        # reads it.
+        self.envs = self.runner.prologue(
+            batches, each=lambda index, env: self.spill.put(f"stream-{index}", env.pop(self.boundaries[0])))
+        self.side = [set(env) for env in self.envs]
         self.trajectory = trajectory
         self.next_block = 0
 
@@ -421,7 +422,7 @@ class Reference:
         the attention and the MLP of the j-th block of the origin."""
         return self.spill.get(f"{key}-{index}")
 
-    def run(self, origin: tuple[int, ...], streams: list[torch.Tensor], pristine: bool = False,
+    def run(self, origin: tuple[int, ...], streams: Sequence[torch.Tensor], pristine: bool = False,
             inputs: bool = False) -> None:
         """Run original blocks ``origin`` in series on each batch's stream ``streams``.
 
@@ -444,16 +445,12 @@ class Reference:
                 if name not in side:
                     del env[name]
 
-    def advance(self, origin: tuple[int, ...], seed: list[torch.Tensor] | None = None, inputs: bool = False) -> None:
+    def advance(self, origin: tuple[int, ...], seed: Sequence[torch.Tensor] | None = None, inputs: bool = False) -> None:
         """Run the original model on its own stream (or ``seed``) up to the end of ``origin``."""
         if origin[0] < self.next_block:
             raise FxflattenError("trajectory targets need the blocks in order")
         for index, env in enumerate(self.envs):
-            if seed is not None:
-                env.pop(self.boundaries[0], None)
-                env[self.boundaries[self.next_block]] = seed[index]
-            elif self.boundaries[self.next_block] not in env:
-                env[self.boundaries[self.next_block]] = self.target(index, "stream")
+            env[self.boundaries[self.next_block]] = self.target(index, "stream") if seed is None else seed[index]
             self.run_blocks(index, env, range(self.next_block, origin[-1] + 1), origin, inputs)
         self.next_block = origin[-1] + 1
 
