@@ -162,6 +162,15 @@ def test_ridge_leverage_ranks_a_dominant_channel_first_and_leaves_the_moments_al
     torch.testing.assert_close(gram, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("channels, block", [(7, 768), (10, 3), (12, 4), (9, 1)])
+def test_ridge_leverage_in_blocks_is_the_diagonal_of_c_over_c_plus_lambda(channels, block):
+    x = torch.randn(200, channels, generator=torch.Generator().manual_seed(channels)) * torch.linspace(0.1, 3, channels)
+    gram = x.T @ x
+    lam = 10 * gram.diagonal().mean()
+    expected = (gram.double() @ torch.linalg.inv(gram.double() + lam * torch.eye(channels, dtype=torch.float64))).diagonal()
+    torch.testing.assert_close(ridge_leverage(gram, block=block).double(), expected, rtol=1e-4, atol=1e-5)
+
+
 @torch.no_grad()
 def test_spilled_stream_holds_only_the_running_batch_stream_in_memory():
     graph = capture(build("llama", Shape(layers=2)))
@@ -434,11 +443,11 @@ def test_input_refit_runs_only_on_merged_blocks(monkeypatch):
 
 @pytest.mark.parametrize("columns", [1, 5, 13, 64])
 @pytest.mark.parametrize("pieces", [1, 3, 4])
-def test_add_gram_is_x_transpose_x_accumulated_in_float64(columns, pieces):
+def test_add_gram_is_x_transpose_x_accumulated_in_place(columns, pieces):
     x = torch.randn(50, columns, generator=torch.Generator().manual_seed(columns))
     total = add_gram(None, x, pieces)
-    assert total is add_gram(total, 2 * x, pieces) and total.dtype == torch.float64
-    torch.testing.assert_close(total, 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+    assert total is add_gram(total, 2 * x, pieces) and total.dtype == torch.float32
+    torch.testing.assert_close(total.double(), 5 * x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
 
 
 def test_without_input_refits_a_merged_block_keeps_its_input_projections():

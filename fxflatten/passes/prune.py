@@ -66,7 +66,7 @@ class PruneConfig:
     leverage_ridge: float = 10.0  # lam = this x mean eigenvalue, for MLP channel scores
     fit_ridge: float = 1e-3  # lam = this x mean diagonal, for the least-squares refits
     refit_inputs: bool = True  # refit q/k/v and gate/up toward the target's inputs (needs a reference)
-    batch_size: int = 4
+    batch_size: int = 2  # windows per batch: the widened MLP's intermediates are 12 MiB each at 2 x 512 tokens
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,11 @@ class Moments:
     tokens: int = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        # One batch's products in float32 (fast), summed over batches in float64 (accurate).
+        # Products in float32; the cross term (small) is summed over batches in float64, the
+        # Gram matrix (the widened MLP's is 36 MiB on the default model) in place in float32.
         x = x.flatten(0, -2).float()
         if self.with_bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        # Accumulated in place: the wide MLP's float64 Gram matrix is 75 MiB on the default model.
         self.gram = add_gram(self.gram, x)
         if y is not None:
             self.cross = accumulate(self.cross, x.T @ y.flatten(0, -2).float())
@@ -109,7 +109,7 @@ class Moments:
         if self.cross is None:
             w = weight(gm, linear)
             full = torch.cat([w, bias(gm, linear)[:, None]], 1) if self.with_bias else w
-            self.cross = self.gram @ full.double().T
+            self.cross = (self.gram @ full.float().T).double()
 
 
 def accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ def refit_output(gm: GraphModule, linear: Linear, keep: torch.Tensor, moments: M
         set_weight(gm, linear, w[:, keep])
         return None
     columns = torch.cat([keep, torch.tensor([w.shape[1]])]) if moments.with_bias else keep
-    solution, used = ridge_solve(moments.gram[columns][:, columns], moments.cross[columns], ridge)
+    solution, used = ridge_solve(moments.gram[columns[:, None], columns], moments.cross[columns], ridge)
     fitted = solution.T.to(w.dtype)
     set_weight(gm, linear, fitted[:, : len(keep)].contiguous())
     if moments.with_bias:
