@@ -59,9 +59,13 @@ def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | N
         with stages("select"):
             selection = select_groups(graph, calib, ratio, max_group=max_group, progress=progress, by=select, width=width)
         groups = selection.groups
-    fuse = FusePass()
     with stages("flatten"):
-        result = run_passes(graph, [FlattenPass(groups), FoldNormsPass(parallel_only=True), fuse])
+        folded = run_passes(graph, [FlattenPass(groups), FoldNormsPass(parallel_only=True)])
+        # Fusing may free the folded weights as it goes only if the passes above made a graph
+        # of their own; with nothing to flatten or fold they return the caller's.
+        fuse = FusePass(consume=folded is not graph)
+        result = run_passes(folded, [fuse])
+        del folded
     return FlattenResult(result, [list(g) for g in groups], selection, dict(fuse.skipped))
 
 

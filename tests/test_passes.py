@@ -496,3 +496,14 @@ def test_parallel_error_of_a_pair_is_its_measured_deviation_from_the_serial_bloc
         expected = (parallel - serial).double().pow(2).sum() / (serial - x).double().pow(2).sum()
     assert errors.shape == (2,)
     torch.testing.assert_close(errors[0].double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_a_consuming_fuse_frees_the_parallel_weights_and_fuses_the_same(family):
+    stages = pipeline(family)
+    folded = run(FoldNormsPass(), run(FlattenPass(GROUPS), stages.graph))
+    names = {name for name, _ in folded.named_parameters()}
+    fused = run(FusePass(consume=True), folded)
+    torch.testing.assert_close(logits(fused), logits(stages.fused), **EXACT)
+    left = {name for name, _ in folded.named_parameters()}
+    assert left == {name for name, _ in fused.named_parameters()} and len(left) < len(names)

@@ -73,17 +73,22 @@ def finish(graph_module: GraphModule, reexport: bool = True) -> GraphModule:
     (``reexport=False``): its metadata is still true, and the re-export is the costliest step
     of a pass (about 15 s on a 135M-parameter model). The graph still runs in ``ensures``.
     """
-    # Export's dtype assertions and eval-mode dropouts count as side effects and would keep
-    # alive every branch a pass has cut off; the re-export below adds the assertions anew.
-    graph_module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op in ("placeholder", "output"))
+    drop_dead(graph_module)
     graph_module.graph.lint()
+    graph_module.recompile()
+    return recapture(graph_module) if reexport else graph_module
+
+
+def drop_dead(graph_module: GraphModule) -> None:
+    """Remove the nodes nothing reads and the parameters and buffers no node reads any more."""
+    # Export's dtype assertions and eval-mode dropouts count as side effects and would keep
+    # alive every branch a pass has cut off; a re-export adds the assertions anew.
+    graph_module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op in ("placeholder", "output"))
     used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
     for name, _ in list(graph_module.named_parameters()) + list(graph_module.named_buffers()):
         if name not in used:
             owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
             delattr(graph_module.get_submodule(owner), leaf)
-    graph_module.recompile()
-    return recapture(graph_module) if reexport else graph_module
 
 
 def run_passes(graph_module: GraphModule, passes: list[PassBase]) -> GraphModule:
