@@ -152,10 +152,16 @@ class SegmentRunner:
             args = map_arg(node.args, value)
             kwargs = map_arg(node.kwargs, value)
             env[node.name] = node.target(*args, **kwargs)
+            del args, kwargs
+            for name in freed_after.get(position, ()):
+                if name != node.name:
+                    env.pop(name, None)
+            # Observers run once the node's inputs are freed: a statistic's temporaries then
+            # take their place (the widened MLP's gate and up activations, 24 MiB per batch).
             if node.name in watch:
                 watch[node.name](node, env[node.name])
-            for name in freed_after.get(position, ()):
-                env.pop(name, None)
+            if node.name in freed_after.get(position, ()):
+                env.pop(node.name, None)
 
     def outputs(self, envs: list[dict[str, object]]) -> Iterator[object]:
         """The graph's output for each batch, once the epilogue has run."""
