@@ -563,3 +563,19 @@ def test_input_refit_fits_each_distinct_input_of_the_projections(monkeypatch):
     refitted = PrunePass(CALIB, plans, config, reference=graph)(flat).graph_module
     assert [kind for kind, _ in fits] == ["attention", "attention", "mlp"] and copy.name in {name for _, name in fits}
     torch.testing.assert_close(logits(refitted), logits(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_flatten_returns_the_only_holder_of_its_widened_weights():
+    """A consuming prune frees a widened block's weights as it goes only if nothing else holds
+    them, not even a graph of flatten's own waiting for the cycle collector."""
+    graph = capture(build("llama", Shape(layers=3)))
+    gc.disable()
+    try:
+        flat = flatten(graph, groups=[[0, 1]])
+        name = discover_blocks(flat.graph).blocks[0].mlp[0].mlp.down.weight
+        widened = weakref.ref(get_tensor(flat.graph, name))
+        owner, leaf = name.rsplit(".", 1)
+        delattr(flat.graph.get_submodule(owner), leaf)
+        assert widened() is None
+    finally:
+        gc.enable()
