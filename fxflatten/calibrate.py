@@ -105,8 +105,7 @@ class SegmentRunner:
         """
         envs = self.start(batches)
         for index, env in enumerate(envs):
-            self.run_nodes(self.parts[0].nodes, env, {})
-            self.drop(0, env)
+            self.run(0, [env])
             share_equal_values(envs[0], env)
             if each is not None:
                 each(index, env)
@@ -151,17 +150,15 @@ class SegmentRunner:
                 continue
             args = map_arg(node.args, value)
             kwargs = map_arg(node.kwargs, value)
-            env[node.name] = node.target(*args, **kwargs)
-            del args, kwargs
+            result = env[node.name] = node.target(*args, **kwargs)
+            del args, kwargs  # or they keep this node's inputs alive while the next node runs
             for name in freed_after.get(position, ()):
-                if name != node.name:
-                    env.pop(name, None)
+                env.pop(name, None)
             # Observers run once the node's inputs are freed: a statistic's temporaries then
             # take their place (the widened MLP's gate and up activations, 24 MiB per batch).
             if node.name in watch:
-                watch[node.name](node, env[node.name])
-            if node.name in freed_after.get(position, ()):
-                env.pop(node.name, None)
+                watch[node.name](node, result)
+            del result
 
     def outputs(self, envs: list[dict[str, object]]) -> Iterator[object]:
         """The graph's output for each batch, once the epilogue has run."""
@@ -225,8 +222,8 @@ class SpilledStream(Sequence[torch.Tensor]):
         release_free_memory()
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self.names):
-            raise IndexError(f"batch {index} of {len(self.names)}")
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} of {len(self)}")
         return self.spill.get(f"compressed-{index}")
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -21,12 +22,14 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_manager import PassManager
 
+import fxflatten.passes.fuse as fuse_module
 from fxflatten import FxflattenError, discover_blocks
 from fxflatten.capture import capture, recapture
 from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
 from fxflatten.select import greedy_groups, group_removes, hidden_similarity
+from fxflatten.tensors import get_tensor
 from tests.models import FAMILIES, NO_GQA, VOCAB, Shape, build
 
 # Float32 tolerances for "exact" rewrites. Fold and flatten reorder a few roundings; fuse turns
@@ -499,11 +502,18 @@ def test_parallel_error_of_a_pair_is_its_measured_deviation_from_the_serial_bloc
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-def test_a_consuming_fuse_frees_the_parallel_weights_and_fuses_the_same(family):
+def test_a_consuming_fuse_frees_each_stage_parallel_weights_once_fused_and_fuses_the_same(family, monkeypatch):
     stages = pipeline(family)
     folded = run(FoldNormsPass(), run(FlattenPass(GROUPS), stages.graph))
+    block = next(block for block in discover_blocks(folded).blocks if len(block.attention) > 1)
     names = {name for name, _ in folded.named_parameters()}
+    # The second branch's q weight: folding made it, so only the folded graph holds it.
+    second = weakref.ref(get_tensor(folded, block.attention[1].attention.q.linear.weight))
+    freed = []  # before each stage is fused: is the first stage's second branch gone?
+    fuse_stage = fuse_module.fuse_stage
+    monkeypatch.setattr(fuse_module, "fuse_stage", lambda *args: (freed.append(second() is None), fuse_stage(*args)))
     fused = run(FusePass(consume=True), folded)
+    assert freed == [False, True]  # the attention stage, then the MLP stage
     torch.testing.assert_close(logits(fused), logits(stages.fused), **EXACT)
     left = {name for name, _ in folded.named_parameters()}
     assert left == {name for name, _ in fused.named_parameters()} and len(left) < len(names)

@@ -15,7 +15,7 @@ from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.calibrate import SegmentRunner, SpilledStream, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
-from fxflatten.graph import to_digraph
+from fxflatten.graph import linear_input, to_digraph
 from fxflatten.leastsq import add_gram, prune_by_error, ridge_leverage, ridge_solve
 from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
 from fxflatten.pipeline import compress, flatten
@@ -579,3 +579,21 @@ def test_flatten_returns_the_only_holder_of_its_widened_weights():
         assert widened() is None
     finally:
         gc.enable()
+
+
+@torch.no_grad()
+def test_an_observer_runs_after_the_inputs_only_its_node_reads_are_freed():
+    graph = capture(build("llama", Shape(layers=2)))
+    block_map = discover_blocks(graph)
+    runner = SegmentRunner(graph, segments(graph, block_map))
+    nodes = {node.name: node for node in graph.graph.nodes}
+    down = block_map.blocks[0].mlp[0].mlp.down
+    product = linear_input(nodes[down.node], down)  # the gated product: silu(gate) * up
+    inputs = [node for node in product.all_input_nodes if len(node.users) == 1]
+    assert inputs
+    refs, seen = {}, []
+    watch = {node.name: lambda node, value: refs.__setitem__(node.name, weakref.ref(value)) for node in inputs}
+    watch[product.name] = lambda node, value: seen.append([ref() is None for ref in refs.values()])
+    envs = runner.prologue(batches_of(CALIB, len(CALIB)))
+    runner.run_nodes(runner.parts[1].nodes, envs[0], watch)
+    assert seen == [[True] * len(inputs)]
