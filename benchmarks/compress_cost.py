@@ -23,9 +23,9 @@ import torch
 
 from benchmarks.common import RESULTS
 from fxflatten import capture, compress, discover_blocks, load_model
-from fxflatten.heap import release_free_memory
-from fxflatten.report import format_table
-from fxflatten.stages import Stage, Stages
+from fxflatten.run.profiler import Profiler, Step
+from fxflatten.run.spill import release_free_memory
+from fxflatten.tables import format_table
 from fxflatten.text import calibration_windows
 
 
@@ -64,18 +64,18 @@ def main() -> None:
     graph = capture(model)
     block_map = discover_blocks(graph)
     forward, compressing = [], []
-    stages = Stages()
+    profiler = Profiler()
     for repeat in range(args.repeats):
-        with torch.no_grad(), stages(f"two forward passes #{repeat}"):
+        with torch.no_grad(), profiler(f"two forward passes #{repeat}"):
             for _ in range(2):
                 for chunk in calib.split(4):
                     graph(chunk, torch.ones_like(chunk))
-        forward.append(stages.done[-1])
-        steps = Stages()  # select, flatten and prune inside this compress
-        with stages(f"compress #{repeat}"):
-            compress(graph, args.ratio, calib, stages=steps)
-        compressing.append(stages.done[-1])
-        stages.done += [Stage(f"  {s.name} #{repeat}", s.seconds, s.peak_rss_mib) for s in steps.done]
+        forward.append(profiler.done[-1])
+        steps = Profiler()  # select, flatten and prune inside this compress
+        with profiler(f"compress #{repeat}"):
+            compress(graph, args.ratio, calib, profiler=steps)
+        compressing.append(profiler.done[-1])
+        profiler.done += [Step(f"  {s.name} #{repeat}", s.seconds, s.peak_rss_mib) for s in steps.done]
     weights_mib = sum(p.numel() * p.element_size() for p in graph.parameters()) / 2**20
     layer_mib = calib.numel() * block_map.hidden_size * 4 / 2**20
     two = statistics.median(s.seconds for s in forward)
@@ -90,7 +90,7 @@ def main() -> None:
         "peak_above_runtime_over_two_weights_plus_layer": (peak - runtime_mib) / (2 * weights_mib + layer_mib),
         "code_rss_mib": code_mib,
         "peak_above_code_over_two_weights_plus_layer": (peak - code_mib) / (2 * weights_mib + layer_mib),
-        "stages": stages.as_dict(),
+        "stages": profiler.as_dict(),
     }
     table = format_table(["measure", "value"], [
         ["two forward passes, s (median)", two],
@@ -109,10 +109,10 @@ def main() -> None:
     (RESULTS / "compress_cost.md").write_text(
         f"# Cost of compress on the default model\n\n{args.samples} windows x {args.seq_len} tokens, --ratio {args.ratio}, "
         f"{args.repeats} repeat(s), measured side by side in one process. Regenerate: python -m benchmarks.compress_cost\n\n```\n{table}\n```\n\n"
-        f"By stage (peak RSS of the whole process while the stage ran):\n\n```\n{stages.table()}\n```\n")
+        f"By stage (peak RSS of the whole process while the stage ran):\n\n```\n{profiler.table()}\n```\n")
     (RESULTS / "compress_cost.json").write_text(json.dumps(summary, indent=2))
     print(table)
-    print(stages.table())
+    print(profiler.table())
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch
 
 from benchmarks.common import RESULTS
 from fxflatten import capture, compress, load_model
-from fxflatten.report import format_table
-from fxflatten.stages import Stages
+from fxflatten.run.profiler import Profiler
+from fxflatten.tables import format_table
 from fxflatten.text import calibration_windows
 
 STAGES = ("select", "flatten", "prune")
@@ -39,9 +39,9 @@ TINY_WINDOWS, TINY_SEQ_LEN = 16, 128
 
 def measure(graph, calib: torch.Tensor, ratio: float) -> dict[str, dict[str, float]]:
     """compress with its defaults, each step timed by compress itself: select, flatten, prune."""
-    stages = Stages()
-    compress(graph, ratio, calib, stages=stages)
-    return stages.as_dict()
+    profiler = Profiler()
+    compress(graph, ratio, calib, profiler=profiler)
+    return profiler.as_dict()
 
 
 def one(kind: str, size: int, ratio: float, seq_len: int) -> dict:

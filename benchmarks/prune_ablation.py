@@ -23,13 +23,13 @@ import torch
 
 from benchmarks.common import RESULTS, default_setup
 from fxflatten import PruneConfig, discover_blocks
-from fxflatten.evaluate import perplexity
+from fxflatten.eval.perplexity import perplexity
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
 from fxflatten.pipeline import flatten
 from fxflatten.plans import plan_blocks
-from fxflatten.report import format_table
-from fxflatten.select import select_groups
+from fxflatten.selection import select_groups
+from fxflatten.tables import format_table
 
 CONFIGS = {
     "trajectory target, input refits, error-greedy heads, refit o_proj + down (default)": PruneConfig(),

@@ -41,13 +41,14 @@ from benchmarks.baselines import laco, torch_pruning_peer
 from benchmarks.common import RESULTS, default_setup
 from benchmarks.prune_ablation import shortgpt_blocks
 from fxflatten import PruneConfig, capture, discover_blocks, flatten
-from fxflatten.evaluate import perplexity
-from fxflatten.harness import TASK, zero_shot
+from fxflatten.eval.harness import TASK, zero_shot
+from fxflatten.eval.perplexity import perplexity
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
 from fxflatten.plans import plan_blocks, width_plans
-from fxflatten.report import format_table
-from fxflatten.select import greedy_groups, hidden_similarity
+from fxflatten.selection import greedy_groups, hidden_similarity
+from fxflatten.tables import format_table
+
 FLATTENGPT = "FlattenGPT (compress defaults)"
 PEER = "torch-pruning (peer)"
 WIDTH_ONLY = "width-only = prune without flattening"

@@ -34,9 +34,8 @@ from benchmarks.common import RESULTS
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten.export import ort, to_onnx
 from fxflatten.export.hf import to_pretrained
-from fxflatten.report import format_table
+from fxflatten.tables import format_table
 from fxflatten.text import calibration_windows
-
 
 
 def macs(config, tokens: int, past: int) -> int:

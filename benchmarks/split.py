@@ -22,10 +22,10 @@ import time
 
 from benchmarks.common import RESULTS, default_setup
 from fxflatten import discover_blocks
-from fxflatten.evaluate import perplexity
+from fxflatten.eval.perplexity import perplexity
 from fxflatten.pipeline import compress
-from fxflatten.report import format_table
-from fxflatten.select import greedy_groups, hidden_similarity
+from fxflatten.selection import greedy_groups, hidden_similarity
+from fxflatten.tables import format_table
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import time
 
 from benchmarks.common import RESULTS, default_setup
 from fxflatten import compress, discover_blocks
-from fxflatten.evaluate import perplexity
-from fxflatten.report import format_table
+from fxflatten.eval.perplexity import perplexity
+from fxflatten.tables import format_table
 
 
 def main() -> None:

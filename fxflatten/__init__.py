@@ -4,13 +4,13 @@ The pipeline is capture -> discover blocks -> calibrate -> passes -> export; eac
 public function here, and the ``fxflatten`` command calls the same functions.
 """
 
-from fxflatten.capture import capture
 from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks
-from fxflatten.layout import AttentionLayout, Block, BlockMap, Branch, Linear, MlpLayout, Norm, Projection
+from fxflatten.graph.capture import capture
+from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.layout import AttentionLayout, Block, BlockMap, Branch, Linear, MlpLayout, Norm, Projection
 from fxflatten.load import load_model
-from fxflatten.passes.prune import PruneConfig
 from fxflatten.pipeline import compress, flatten
+from fxflatten.plans import PruneConfig
 
 __all__ = [
     "AttentionLayout",

@@ -1,16 +1,56 @@
-"""What each block of a compressed model is pruned to: the plans the prune pass follows.
+"""What each block of a compressed model is pruned to, and how: the plans and the configuration
+the prune pass follows.
 
 Flattened groups are pruned back to ``width`` x one original block (the paper). A parameter
 budget larger than flattening takes can also be met by width-pruning the blocks outside the
-groups: on the default model, flattening part of the budget and width-pruning the rest keeps
-more quality at the same size than either alone (benchmarks/results/split.md).
+groups (``--flatten-share``; the study is in benchmarks/results/split.md). These are plain data
+and arithmetic on a block map, so selection, the pipeline and the prune pass all read them.
 """
 
 from __future__ import annotations
 
-from fxflatten.layout import BlockMap
-from fxflatten.passes.prune import BlockPlan
-from fxflatten.select import group_removes
+from dataclasses import dataclass
+from typing import Literal
+
+from fxflatten.errors import FxflattenError
+from fxflatten.graph.layout import BlockMap
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune; the defaults are the best measured on the default model
+    (benchmarks/results/prune_ablation.md)."""
+
+    target: Literal["widened", "serial", "trajectory"] = "trajectory"
+    head_score: Literal["energy", "error"] = "error"
+    channel_score: Literal["leverage", "error"] = "leverage"
+    refit_attention: bool = True
+    refit_mlp: bool = True
+    leverage_ridge: float = 10.0  # lam = this x mean eigenvalue, for MLP channel scores
+    fit_ridge: float = 1e-3  # lam = this x mean diagonal, for the least-squares refits
+    refit_inputs: bool = True  # refit q/k/v and gate/up toward the target's inputs (needs a reference)
+    batch_size: int = 2  # windows per batch: one batch's widened-MLP intermediates sit beside its statistics
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What block ``index`` of the graph is pruned to, and which original blocks it came from."""
+
+    kv_heads: int | None  # None: leave the attention as it is
+    width: int | None  # None: leave the MLP as it is
+    origin: tuple[int, ...] = ()  # reference-graph blocks it replaces, for target="serial"
+
+
+def group_removes(parameters: list[int], width: float = 1.0) -> int:
+    """Parameters a group of blocks removes once pruned back to ``width`` x its mean block."""
+    return sum(parameters) - int(width * sum(parameters) / len(parameters))
+
+
+def check_flatten_share(share: float | None, ratio: float | None) -> None:
+    """Refuse a flattened share outside [0, ratio] (it is the part of the ratio flattening takes)."""
+    if share is not None and (ratio is None or not 0 <= share <= ratio):
+        raise FxflattenError(
+            f"--flatten-share must be in [0, --ratio {ratio}], got {share}: the flattened share is part of the ratio")
 
 
 def units_of(groups: list[list[int]], num_blocks: int) -> list[tuple[int, ...]]:

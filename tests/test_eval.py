@@ -9,16 +9,16 @@ import transformers
 
 from fxflatten import capture
 from fxflatten.cli import main
-from fxflatten.evaluate import perplexity
+from fxflatten.eval.harness import next_sentence
+from fxflatten.eval.perplexity import perplexity
 from fxflatten.export.program import save_program
-from fxflatten.harness import next_sentence
 from tests.checkpoints import byte_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from fxflatten.harness import zero_shot  # noqa: E402
-from fxflatten.harness.lm import GraphLM  # noqa: E402
+from fxflatten.eval.harness import zero_shot  # noqa: E402
+from fxflatten.eval.harness.lm import GraphLM  # noqa: E402
 
 
 def long_context_llama() -> transformers.LlamaForCausalLM:

@@ -24,12 +24,13 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxflatten.passes.fuse as fuse_module
 from fxflatten import FxflattenError, discover_blocks
-from fxflatten.capture import capture, recapture
+from fxflatten.graph.capture import capture, recapture
+from fxflatten.graph.params import get_tensor
 from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
-from fxflatten.select import greedy_groups, group_removes, hidden_similarity
-from fxflatten.tensors import get_tensor
+from fxflatten.plans import group_removes
+from fxflatten.selection import greedy_groups, hidden_similarity
 from tests.models import FAMILIES, NO_GQA, VOCAB, Shape, build
 
 # Float32 tolerances for "exact" rewrites. Fold and flatten reorder a few roundings; fuse turns
@@ -335,7 +336,7 @@ def test_fuse_of_a_graph_without_parallel_blocks_changes_nothing():
 # -- composition, re-export, ONNX -------------------------------------------------------------
 
 @dataclass
-class Stages:
+class Profiler:
     """One model through every pass, with what the inputs looked like before any pass ran."""
 
     model: nn.Module
@@ -352,7 +353,7 @@ GROUPS = [[1, 2]]
 
 
 @functools.cache
-def pipeline(family: str) -> Stages:
+def pipeline(family: str) -> Profiler:
     model = perturb(build(family, Shape(layers=3)))
     graph = capture(model)
     model_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -361,7 +362,7 @@ def pipeline(family: str) -> Stages:
     flat = run(FlattenPass(GROUPS), graph)
     folded = run(FoldNormsPass(), flat)
     fused = run(FusePass(), folded)
-    return Stages(model, graph, model_state, graph_parameters, graph_logits, flat, folded, fused)
+    return Profiler(model, graph, model_state, graph_parameters, graph_logits, flat, folded, fused)
 
 
 @pytest.mark.parametrize("stage", ["flat", "folded", "fused"])
@@ -373,18 +374,18 @@ def test_every_pass_output_exports_again_with_dynamic_batch_and_length(stage):
 
 
 def test_passes_compose_in_a_pass_manager_and_leave_their_input_untouched():
-    stages = pipeline("llama")
-    result = PassManager(passes=[FlattenPass(GROUPS), FoldNormsPass(), FusePass()])(stages.graph)
+    profiler = pipeline("llama")
+    result = PassManager(passes=[FlattenPass(GROUPS), FoldNormsPass(), FusePass()])(profiler.graph)
     assert result.modified
     assert [block.parallel for block in discover_blocks(result.graph_module).blocks] == [1, 1]
-    torch.testing.assert_close(logits(result.graph_module), logits(stages.fused), rtol=0, atol=0)
+    torch.testing.assert_close(logits(result.graph_module), logits(profiler.fused), rtol=0, atol=0)
     # Neither the pass manager nor the passes run one by one touched the graph or the model.
-    assert dict(stages.graph.named_parameters()).keys() == stages.graph_parameters.keys()
-    for name, parameter in stages.graph.named_parameters():
-        assert torch.equal(parameter, stages.graph_parameters[name]), name
-    torch.testing.assert_close(logits(stages.graph), stages.graph_logits, rtol=0, atol=0)
-    state = stages.model.state_dict()
-    assert all(torch.equal(state[name], tensor) for name, tensor in stages.model_state.items())
+    assert dict(profiler.graph.named_parameters()).keys() == profiler.graph_parameters.keys()
+    for name, parameter in profiler.graph.named_parameters():
+        assert torch.equal(parameter, profiler.graph_parameters[name]), name
+    torch.testing.assert_close(logits(profiler.graph), profiler.graph_logits, rtol=0, atol=0)
+    state = profiler.model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in profiler.model_state.items())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -485,7 +486,7 @@ def test_greedy_groups_respects_max_group():
 
 
 def test_parallel_error_of_a_pair_is_its_measured_deviation_from_the_serial_blocks():
-    from fxflatten.select import parallel_error
+    from fxflatten.selection import parallel_error
 
     model = build("handwritten", Shape(layers=3))
     windows = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -503,8 +504,8 @@ def test_parallel_error_of_a_pair_is_its_measured_deviation_from_the_serial_bloc
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
 def test_a_consuming_fuse_frees_each_stage_parallel_weights_once_fused_and_fuses_the_same(family, monkeypatch):
-    stages = pipeline(family)
-    folded = run(FoldNormsPass(), run(FlattenPass(GROUPS), stages.graph))
+    profiler = pipeline(family)
+    folded = run(FoldNormsPass(), run(FlattenPass(GROUPS), profiler.graph))
     block = next(block for block in discover_blocks(folded).blocks if len(block.attention) > 1)
     names = {name for name, _ in folded.named_parameters()}
     # The second branch's q weight: folding made it, so only the folded graph holds it.
@@ -514,6 +515,6 @@ def test_a_consuming_fuse_frees_each_stage_parallel_weights_once_fused_and_fuses
     monkeypatch.setattr(fuse_module, "fuse_stage", lambda *args: (freed.append(second() is None), fuse_stage(*args)))
     fused = run(FusePass(consume=True), folded)
     assert freed == [False, True]  # the attention stage, then the MLP stage
-    torch.testing.assert_close(logits(fused), logits(stages.fused), **EXACT)
+    torch.testing.assert_close(logits(fused), logits(profiler.fused), **EXACT)
     left = {name for name, _ in folded.named_parameters()}
     assert left == {name for name, _ in fused.named_parameters()} and len(left) < len(names)

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from fxflatten import FxflattenError, capture, discover_blocks, load_model
 from fxflatten.passes.flatten import FlattenPass
-from fxflatten.passes.prune import BlockPlan, PruneConfig, PrunePass
+from fxflatten.passes.prune import PrunePass
 from fxflatten.pipeline import flatten
-from fxflatten.plans import units_of
+from fxflatten.plans import BlockPlan, PruneConfig, units_of
 from tests.models import FAMILIES
 from tests.test_passes import EXACT, ONNX, FuseCase, fuse_cases, logits, run, tokens
 

@@ -12,17 +12,20 @@ from transformers import AutoModelForCausalLM
 
 import fxflatten.passes.prune as prune_pass
 from fxflatten import FxflattenError, capture, discover_blocks
-from fxflatten.calibrate import SegmentRunner, SpilledStream, batches_of, block_boundaries, segments
 from fxflatten.cli import main
 from fxflatten.export.hf import check_same_logits, to_pretrained
-from fxflatten.graph import linear_input, to_digraph
+from fxflatten.graph.discovery import block_boundaries
+from fxflatten.graph.fx import linear_input, to_digraph
+from fxflatten.graph.params import get_tensor, weight
 from fxflatten.leastsq import add_gram, prune_by_error, ridge_leverage, ridge_solve
-from fxflatten.passes.prune import BlockPlan, Moments, PruneConfig, PrunePass, Reference
+from fxflatten.passes.prune import PrunePass
+from fxflatten.passes.reference import Reference
+from fxflatten.passes.refit import Moments
 from fxflatten.pipeline import compress, flatten
-from fxflatten.plans import plan_blocks, split_plans, units_of
-from fxflatten.report import block_rows
-from fxflatten.spill import Spill
-from fxflatten.tensors import get_tensor, weight
+from fxflatten.plans import BlockPlan, PruneConfig, plan_blocks, split_plans, units_of
+from fxflatten.run.runner import SegmentRunner, batches_of, segments
+from fxflatten.run.spill import Spill, SpilledStream
+from fxflatten.tables import block_rows
 from tests.models import Shape, build
 
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -330,8 +333,8 @@ def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_pat
     assert 0 < report["ratio"]["achieved"] <= 0.3
     assert report["prune"]["config"]["refit_inputs"] is True
     # Each of compress's steps has its own time and memory, beside loading and evaluating.
-    assert {"load", "capture", "select", "flatten", "prune", "evaluate"} <= report["stages"].keys()
-    assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in report["stages"].values())
+    assert {"load", "capture", "select", "flatten", "prune", "evaluate"} <= report["steps"].keys()
+    assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in report["steps"].values())
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == report["layers"]["after"]
     assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()} == source
     assert main(args) == 2  # the output exists: refused without --force
@@ -350,7 +353,7 @@ def test_compress_command_with_no_flattened_share_width_prunes_into_a_program(ti
     assert report["layers"]["after"] == report["layers"]["before"]
     assert report["ratio"]["achieved"] == pytest.approx(0.3, abs=0.03)
     assert report["format"] == "torch.export" and (out / "model.pt2").is_file()
-    assert "flatten" not in report["stages"]  # nothing to flatten, so the flatten passes do not run
+    assert "flatten" not in report["steps"]  # nothing to flatten, so the flatten passes do not run
 
 
 @pytest.mark.slow

@@ -29,9 +29,8 @@ from torch import nn
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten import load as load_module
 from fxflatten.cli import main
-from fxflatten.errors import FxflattenError
-from fxflatten.numerics import check_finite, check_parameters_finite
-from fxflatten.output import atomic_dir, write_report
+from fxflatten.cli.output import atomic_dir, write_report
+from fxflatten.errors import FxflattenError, check_finite, check_parameters_finite
 from fxflatten.text import shared_passages, warn_if_overlapping
 from tests.checkpoints import byte_tokenizer, tiny_llama
 from tests.models import build
@@ -90,7 +89,7 @@ def snapshot(path: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def partial_dirs(parent: Path, name: str) -> list[Path]:
-    """Temporary directories an output ``name`` is built in (see fxflatten.output)."""
+    """Temporary directories an output ``name`` is built in (see fxflatten.cli.output)."""
     return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 
@@ -225,7 +224,7 @@ def test_a_ratio_too_small_for_one_block_is_refused_before_calibration(tiny_llam
     def calibration_must_not_run(*args, **kwargs):
         raise AssertionError("similarities were computed for a ratio that cannot remove a block")
 
-    monkeypatch.setattr("fxflatten.select.hidden_similarity", calibration_must_not_run)
+    monkeypatch.setattr("fxflatten.selection.hidden_similarity", calibration_must_not_run)
     args = compress_args(tiny_llama_dir, tmp_path / "out", texts)
     args[args.index("--ratio") + 1] = "0.01"
     assert main(args) == 2
@@ -391,7 +390,7 @@ def test_same_inputs_and_seed_give_bit_identical_weights_and_report(two_runs):
 
     def figures(out: Path) -> dict[str, object]:
         report = json.loads((out / "report.json").read_text())
-        del report["stages"]  # times and memory
+        del report["steps"]  # times and memory
         return report
 
     assert figures(first) == figures(second)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from fxflatten.capture import PARAM_PREFIX
-from fxflatten.graph import discover_blocks
+from fxflatten.graph.capture import PARAM_PREFIX
+from fxflatten.graph.discovery import discover_blocks
 from fxflatten.passes.base import editable_copy
 from fxflatten.passes.remove import RemoveBlocksPass
 

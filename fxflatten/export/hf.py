@@ -17,10 +17,10 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from fxflatten.capture import PARAM_PREFIX, graph_example_inputs
 from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks
-from fxflatten.layout import BlockMap
+from fxflatten.graph.capture import PARAM_PREFIX, graph_example_inputs
+from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.layout import BlockMap
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from fxflatten.capture import MAX_LEN, capture, graph_example_inputs, vocab_size_of
 from fxflatten.errors import FxflattenError
 from fxflatten.export import ort
 from fxflatten.export.past import LOGITS, STEP_INPUTS, CacheShape, WithPast, cache_shape
+from fxflatten.graph.capture import MAX_LEN, capture, graph_example_inputs, vocab_size_of
 
 log = logging.getLogger(__name__)
 

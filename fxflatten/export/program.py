@@ -13,8 +13,8 @@ from torch import nn
 from torch.fx import GraphModule
 from transformers import PreTrainedTokenizerBase
 
-from fxflatten.capture import MAX_LEN, to_program
 from fxflatten.errors import FxflattenError
+from fxflatten.graph.capture import MAX_LEN, to_program
 
 PROGRAM_FILE = "model.pt2"
 

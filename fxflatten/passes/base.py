@@ -18,9 +18,9 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxflatten.capture import graph_example_inputs, recapture
 from fxflatten.errors import FxflattenError
-from fxflatten.heap import release_free_memory
+from fxflatten.graph.capture import graph_example_inputs, recapture
+from fxflatten.run.spill import release_free_memory
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.tools_common import legalize_graph
 
 from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks
-from fxflatten.layout import BlockMap, Branch
+from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.layout import BlockMap, Branch
 from fxflatten.passes.base import GraphPass, editable_copy, finish
 
 log = logging.getLogger(__name__)

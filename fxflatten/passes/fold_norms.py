@@ -15,22 +15,19 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxflatten.graph import discover_blocks, is_identity, linear_input, packet
-from fxflatten.layout import Branch, Linear
+from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.fx import linear_input, packet, unviewed
+from fxflatten.graph.layout import Branch, Linear
+from fxflatten.graph.params import bias, get_tensor, set_tensor, set_weight, weight
 from fxflatten.passes.base import GraphPass, editable_copy, finish
-from fxflatten.tensors import bias, get_tensor, set_tensor, set_weight, weight
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-VIEWS = {aten.view, aten.reshape, aten._unsafe_view}
 
 
 def unflattened_input(node: Node, linear: Linear) -> Node:
     """The activation a linear multiplies, before any flattening view."""
-    value = linear_input(node, linear)
-    while is_identity(value) or packet(value) in VIEWS:
-        value = value.args[0]
-    return value
+    return unviewed(linear_input(node, linear))
 
 
 def readers(nodes: dict[str, Node], branch: Branch) -> list[Linear]:

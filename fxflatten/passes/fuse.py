@@ -5,7 +5,7 @@ fused qkv projection, part by part) are concatenated branch after branch, so que
 branch i still meets KV head j // n_rep of branch i, and RoPE, being per head, is unchanged;
 the output projection's input columns are concatenated and its biases add. G parallel MLPs
 become one of G times the width the same way. The first branch's nodes are kept and widened
-(every shape constant on its channel axis is rescaled by G, see :mod:`fxflatten.channels`);
+(every shape constant on its channel axis is rescaled by G, see :mod:`fxflatten.passes.rescale`);
 the other branches and their adds are removed.
 
 A branch is fused only when that is exact: norms already folded (so all branches normalise the
@@ -23,11 +23,11 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxflatten.channels import rescale_constants
-from fxflatten.graph import discover_blocks
-from fxflatten.layout import Branch, Linear, Projection
+from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.layout import Branch, Linear, Projection
+from fxflatten.graph.params import bias, set_tensor, set_weight, weight
 from fxflatten.passes.base import GraphPass, drop_dead, editable_copy, finish
-from fxflatten.tensors import bias, set_tensor, set_weight, weight
+from fxflatten.passes.rescale import rescale_constants
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,8 @@ pruned, widened or not, so this is also a plain width-pruning pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal
 
 import networkx as nx
 import torch
@@ -39,82 +37,21 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
-from fxflatten.calibrate import SegmentRunner, SpilledStream, batches_of, block_boundaries, segments
-from fxflatten.channels import rescale_constants
-from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks, linear_input, to_digraph
-from fxflatten.heap import release_free_memory
-from fxflatten.layout import Block, Branch, Linear, Projection
+from fxflatten.errors import FxflattenError, check_finite
+from fxflatten.graph.discovery import block_boundaries, discover_blocks
+from fxflatten.graph.fx import linear_input, to_digraph
+from fxflatten.graph.layout import Block, Branch, Projection
+from fxflatten.graph.params import set_weight, weight
 from fxflatten.leastsq import add_gram, greedy_groups_by_error, group_energy, prune_by_error, ridge_leverage, ridge_solve
-from fxflatten.numerics import check_finite
 from fxflatten.passes.base import GraphPass, editable_copy, finish
-from fxflatten.spill import Spill
-from fxflatten.tensors import bias, set_tensor, set_weight, weight
+from fxflatten.passes.reference import Reference
+from fxflatten.passes.refit import Moments, accumulate, head_groups, refit_output, slice_inputs
+from fxflatten.passes.rescale import rescale_constants
+from fxflatten.plans import BlockPlan, PruneConfig
+from fxflatten.run.runner import SegmentRunner, batches_of, segments
+from fxflatten.run.spill import Spill, SpilledStream, release_free_memory
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """How to prune; the defaults are the best measured on the default model (see benchmarks)."""
-
-    target: Literal["widened", "serial", "trajectory"] = "trajectory"
-    head_score: Literal["energy", "error"] = "error"
-    channel_score: Literal["leverage", "error"] = "leverage"
-    refit_attention: bool = True
-    refit_mlp: bool = True
-    leverage_ridge: float = 10.0  # lam = this x mean eigenvalue, for MLP channel scores
-    fit_ridge: float = 1e-3  # lam = this x mean diagonal, for the least-squares refits
-    refit_inputs: bool = True  # refit q/k/v and gate/up toward the target's inputs (needs a reference)
-    batch_size: int = 2  # windows per batch: the widened MLP's intermediates are 12 MiB each at 2 x 512 tokens
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """What block ``index`` of the graph is pruned to, and which original blocks it came from."""
-
-    kv_heads: int | None  # None: leave the attention as it is
-    width: int | None  # None: leave the MLP as it is
-    origin: tuple[int, ...] = ()  # reference-graph blocks it replaces, for target="serial"
-
-
-@dataclass
-class Moments:
-    """Running ``X^T X`` and ``X^T Y`` (with a trailing 1 in X when fitting a bias)."""
-
-    with_bias: bool
-    gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    tokens: int = 0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
-        # Products in float32; the cross term (small) is summed over batches in float64, the
-        # Gram matrix (the widened MLP's is 36 MiB on the default model) in place in float32.
-        x = x.flatten(0, -2).float()
-        if self.with_bias:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-        self.gram = add_gram(self.gram, x)
-        if y is not None:
-            self.cross = accumulate(self.cross, x.T @ y.flatten(0, -2).float())
-        self.tokens += x.shape[0]
-
-    def check(self, what: str) -> None:
-        """Stop with an error naming the block if a NaN or Inf reached the statistics."""
-        check_finite(self.gram, what)
-        if self.cross is not None:
-            check_finite(self.cross, what)
-
-    def default_target(self, gm: GraphModule, linear: Linear) -> None:
-        """Without a serial target, the target is the linear's own full-width output: B = G W^T."""
-        if self.cross is None:
-            w = weight(gm, linear)
-            full = torch.cat([w, bias(gm, linear)[:, None]], 1) if self.with_bias else w
-            self.cross = (self.gram @ full.float().T).double()
-
-
-def accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    """``total + term`` in float64, adding into ``total`` itself."""
-    return term.double() if total is None else total.add_(term)
 
 
 @dataclass
@@ -122,45 +59,6 @@ class PruneReport:
     """Per block: what was kept, and any ridge that had to grow."""
 
     blocks: dict[int, dict[str, object]] = field(default_factory=dict)
-
-
-def rows_of(projection: Projection, keep: torch.Tensor) -> torch.Tensor:
-    return projection.start + keep
-
-
-def slice_inputs(gm: GraphModule, projections: list[Projection], keeps: list[torch.Tensor]) -> None:
-    """Keep rows ``keeps[i]`` (relative) of projection i; projections sharing a linear stay in order."""
-    by_linear: dict[Linear, list[int]] = {}
-    for index, projection in enumerate(projections):
-        by_linear.setdefault(projection.linear, []).append(index)
-    for linear, indices in by_linear.items():
-        indices.sort(key=lambda i: projections[i].start)
-        rows = torch.cat([rows_of(projections[i], keeps[i]) for i in indices])
-        set_weight(gm, linear, weight(gm, linear)[rows])
-        if linear.bias:
-            set_tensor(gm, linear.bias, bias(gm, linear)[rows])
-
-
-def refit_output(gm: GraphModule, linear: Linear, keep: torch.Tensor, moments: Moments, ridge: float,
-                 refit: bool) -> float | None:
-    """Keep input columns ``keep`` of the output linear, refitted by ridge least squares if asked."""
-    w = weight(gm, linear)
-    if not refit:
-        set_weight(gm, linear, w[:, keep])
-        return None
-    columns = torch.cat([keep, torch.tensor([w.shape[1]])]) if moments.with_bias else keep
-    solution, used = ridge_solve(moments.gram[columns[:, None], columns], moments.cross[columns], ridge)
-    fitted = solution.T.to(w.dtype)
-    set_weight(gm, linear, fitted[:, : len(keep)].contiguous())
-    if moments.with_bias:
-        set_tensor(gm, linear.bias, fitted[:, -1].contiguous())
-    return used
-
-
-def head_groups(layout, count: int) -> list[torch.Tensor]:
-    """Output-projection input columns of each KV group (its query heads' outputs)."""
-    per_group = layout.num_heads // layout.num_kv_heads * layout.head_dim
-    return [torch.arange(g * per_group, (g + 1) * per_group) for g in range(count)]
 
 
 class PrunePass(GraphPass):
@@ -386,87 +284,3 @@ def single(stage: tuple[Branch, ...], what: str) -> Branch:
     if len(stage) != 1:
         raise FxflattenError(f"a block still has {len(stage)} parallel {what} branches: fuse before pruning")
     return stage[0]
-
-
-class Reference:
-    """The original graph, run alongside the compressed one to give refit targets.
-
-    For a block that replaces original blocks a..b, the original blocks a..b run in series on
-    the input the compressed block receives; the sum of their attention outputs and the stream
-    they leave are the targets. With ``trajectory`` the original model instead runs on its own
-    stream, so the targets are what the original model computes at that depth, and a refit
-    also pulls back the error the earlier compressed blocks left. It keeps its own per-batch
-    environments with the side inputs (masks, rotary tables) its prologue computed; its stream
-    and the targets live in ``spill``, on disk, one batch in memory at a time.
-    """
-
-    def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], spill: Spill,
-                 trajectory: bool = False) -> None:
-        self.map = discover_blocks(graph)
-        self.parts = segments(graph, self.map)
-        self.runner = SegmentRunner(graph, self.parts)
-        self.boundaries = block_boundaries(graph, self.map)
-        self.spill = spill
-        # The stream entering block 0 goes to disk as each batch's prologue makes it: the first
-        # run usually seeds the trajectory from the compressed stream instead, or (serial) never
-        # reads it.
-        self.envs = self.runner.prologue(
-            batches, each=lambda index, env: self.spill.put(f"stream-{index}", env.pop(self.boundaries[0])))
-        self.side = [set(env) for env in self.envs]
-        self.trajectory = trajectory
-        self.next_block = 0
-
-    def target(self, index: int, key: str) -> torch.Tensor:
-        """Batch ``index``'s target from the last :meth:`run`: ``"attention"``, ``"stream"``, or
-        (after a run with ``inputs``) ``"attention-in-j"`` / ``"mlp-in-j"``, the streams entering
-        the attention and the MLP of the j-th block of the origin."""
-        return self.spill.get(f"{key}-{index}")
-
-    def run(self, origin: tuple[int, ...], streams: Sequence[torch.Tensor], pristine: bool = False,
-            inputs: bool = False) -> None:
-        """Run original blocks ``origin`` in series on each batch's stream ``streams``.
-
-        ``pristine`` says no block before ``origin`` was changed, so ``streams`` is also the
-        original model's own stream there: a trajectory starts from it instead of running the
-        original blocks before it a second time. ``inputs`` also spills the streams entering
-        each origin block's attention and MLP, for input refits.
-        """
-        if self.trajectory:
-            seed = None
-            if pristine and self.next_block == 0:
-                seed = streams
-                self.next_block = origin[0]
-            self.advance(origin, seed, inputs)
-            return
-        for index, (stream, env, side) in enumerate(zip(streams, self.envs, self.side)):
-            env[self.boundaries[origin[0]]] = stream
-            self.run_blocks(index, env, range(origin[0], origin[-1] + 1), origin, inputs)
-            for name in list(env):
-                if name not in side:
-                    del env[name]
-
-    def advance(self, origin: tuple[int, ...], seed: Sequence[torch.Tensor] | None = None, inputs: bool = False) -> None:
-        """Run the original model on its own stream (or ``seed``) up to the end of ``origin``."""
-        if origin[0] < self.next_block:
-            raise FxflattenError("trajectory targets need the blocks in order")
-        for index, env in enumerate(self.envs):
-            env[self.boundaries[self.next_block]] = self.target(index, "stream") if seed is None else seed[index]
-            self.run_blocks(index, env, range(self.next_block, origin[-1] + 1), origin, inputs)
-        self.next_block = origin[-1] + 1
-
-    def run_blocks(self, index: int, env: dict[str, object], blocks: range, origin: tuple[int, ...],
-                   inputs: bool = False) -> None:
-        """Run ``blocks`` on batch ``index``; spill the stream they leave and ``origin``'s attention."""
-        watch_names = {branch.output for block in origin for branch in self.map.blocks[block].attention}
-        attention = []
-        watch = {name: lambda node, value: attention.append(value) for name in watch_names}
-        for block in blocks:
-            if inputs and block in origin:
-                position = origin.index(block)
-                self.spill.put(f"attention-in-{position}-{index}", env[self.boundaries[block]])
-                mlp_in = self.map.blocks[block].mlp[0].stream_in
-                watch[mlp_in] = lambda node, value, position=position: self.spill.put(f"mlp-in-{position}-{index}", value)
-            self.runner.run_nodes(self.parts[block + 1].nodes, env, watch if block in origin else {})
-            self.runner.drop(block + 1, env)
-        self.spill.put(f"attention-{index}", sum(attention))
-        self.spill.put(f"stream-{index}", env.pop(self.boundaries[blocks[-1] + 1]))

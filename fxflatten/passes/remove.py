@@ -12,9 +12,8 @@ from collections.abc import Iterable
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxflatten.calibrate import block_boundaries
 from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks
+from fxflatten.graph.discovery import block_boundaries, discover_blocks
 from fxflatten.passes.base import GraphPass, editable_copy, finish
 
 

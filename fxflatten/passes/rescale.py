@@ -21,11 +21,11 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxflatten.capture import graph_example_inputs
 from fxflatten.errors import FxflattenError
+from fxflatten.graph.capture import graph_example_inputs
+from fxflatten.graph.fx import VIEW_OPS
 
 aten = torch.ops.aten
-RESHAPES = {aten.view, aten.reshape, aten._unsafe_view}
 PASS_THROUGH = {aten.slice, aten.split, aten.split_with_sizes, aten.chunk, aten.narrow, aten.contiguous, aten.clone,
                 aten.alias, aten.to, aten._to_copy, aten.dropout, aten.expand}
 
@@ -85,7 +85,7 @@ def node_axes(node: Node, axes: dict[str, set[int]], shapes: dict[str, tuple[int
         return set(axes[node.args[0].name])
     out = shapes.get(node.name, ())
     first = node.args[0] if isinstance(node.args[0], Node) else None
-    if op in RESHAPES:
+    if op in VIEW_OPS:
         found = set()
         for group_in, group_out in reshape_groups(shapes[first.name], out):
             if axes.get(first.name, set()) & set(group_in):
@@ -133,7 +133,7 @@ def rescale_constants(gm: GraphModule, nodes: list[Node], sources: set[str], sto
             continue
         in_axes, in_shape = axes[first.name], shapes.get(first.name, ())
         args = list(node.args)
-        if op in RESHAPES or op is aten.expand:
+        if op in VIEW_OPS or op is aten.expand:
             sizes = list(args[1])
             for axis in axes.get(node.name, set()):
                 if isinstance(sizes[axis], int) and sizes[axis] != -1:

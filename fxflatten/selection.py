@@ -19,12 +19,13 @@ import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from fxflatten.calibrate import SegmentRunner, batches_of, block_boundaries, segments
-from fxflatten.errors import FxflattenError
-from fxflatten.graph import discover_blocks
-from fxflatten.layout import BlockMap
-from fxflatten.numerics import check_finite
-from fxflatten.report import format_table
+from fxflatten.errors import FxflattenError, check_finite
+from fxflatten.graph.discovery import block_boundaries, discover_blocks
+from fxflatten.graph.layout import BlockMap
+from fxflatten.passes.flatten import FlattenPass
+from fxflatten.plans import group_removes
+from fxflatten.run.runner import SegmentRunner, batches_of, segments
+from fxflatten.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ def parallel_error(gm: GraphModule, windows: torch.Tensor, block_map: BlockMap |
     at odd blocks) give every pair; each of their units is fed the dense stream, so the errors
     do not depend on one another.
     """
-    from fxflatten.passes.flatten import FlattenPass
-
     block_map = block_map or discover_blocks(gm)
     count = len(block_map.blocks)
     batches = batches_of(windows, batch_size)
@@ -176,17 +175,6 @@ def check_ratio(ratio: float) -> None:
     parameters leaves no model worth having, and a bad ratio should not cost a long load first."""
     if not 0 < ratio <= 0.9:
         raise FxflattenError(f"--ratio must be in (0, 0.9], got {ratio}")
-
-
-def check_flatten_share(share: float | None, ratio: float | None) -> None:
-    """Refuse a flattened share outside [0, ratio] (it is the part of the ratio flattening takes)."""
-    if share is not None and (ratio is None or not 0 <= share <= ratio):
-        raise FxflattenError(f"--flatten-share must be in [0, --ratio {ratio}], got {share}: the flattened share is part of the ratio")
-
-
-def group_removes(parameters: list[int], width: float = 1.0) -> int:
-    """Parameters a group of blocks removes once pruned back to ``width`` x its mean block."""
-    return sum(parameters) - int(width * sum(parameters) / len(parameters))
 
 
 def check_ratio_removes_a_block(ratio: float, block_parameters: list[int], total_parameters: int,

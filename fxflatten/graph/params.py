@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxflatten.layout import Linear
+from fxflatten.graph.layout import Linear
 
 
 def get_tensor(gm: GraphModule, target: str) -> torch.Tensor:

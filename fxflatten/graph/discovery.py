@@ -19,16 +19,25 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
-from fxflatten.capture import PARAM_PREFIX
 from fxflatten.errors import FxflattenError
-from fxflatten.tensors import get_tensor
-from fxflatten.layout import AttentionLayout, Block, BlockMap, Branch, Linear, MlpLayout, Norm, Projection
+from fxflatten.graph.capture import PARAM_PREFIX
+from fxflatten.graph.fx import (
+    attr_target,
+    flat_nodes,
+    is_identity,
+    linear_input,
+    packet,
+    resolve_identity,
+    shape_of,
+    to_digraph,
+    unviewed,
+)
+from fxflatten.graph.layout import AttentionLayout, Block, BlockMap, Branch, Linear, MlpLayout, Norm, Projection
+from fxflatten.graph.params import get_tensor
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-#: Ops that pass a tensor through unchanged (in eval mode) and so do not break the stream.
-IDENTITY_OPS = {aten.to, aten._to_copy, aten.clone, aten.dropout, aten.alias, aten.contiguous, aten.detach}
 ATTENTION_OPS = {
     aten.scaled_dot_product_attention,
     aten._scaled_dot_product_flash_attention,
@@ -45,42 +54,6 @@ ACTIVATION_OPS = {
 }
 NORM_OPS = {aten.layer_norm: "layer", aten.rms_norm: "rms", aten.native_layer_norm: "layer"}
 SPLIT_OPS = {aten.split, aten.split_with_sizes, aten.chunk}
-
-
-def packet(node: Node):
-    """The overload packet of a call (``aten.add`` for ``aten.add.Tensor``), or None."""
-    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
-
-
-def shape_of(node: Node) -> tuple[int, ...] | None:
-    value = node.meta.get("val")
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    return None
-
-
-def is_identity(node: Node) -> bool:
-    """A copy, an eval-mode dropout, or a cast to the dtype the value already has."""
-    if packet(node) not in IDENTITY_OPS or not node.args or not isinstance(node.args[0], Node):
-        return False
-    before, after = node.args[0].meta.get("val"), node.meta.get("val")
-    return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dtype == after.dtype
-
-
-def resolve_identity(node: Node) -> Node:
-    """Follow no-op casts, copies and dropouts back to the node that computed the value."""
-    while is_identity(node):
-        node = node.args[0]
-    return node
-
-
-def to_digraph(gm: GraphModule) -> nx.DiGraph:
-    graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        graph.add_node(node.name)
-        for source in node.all_input_nodes:
-            graph.add_edge(source.name, node.name)
-    return graph
 
 
 class Discovery:
@@ -322,9 +295,7 @@ class Discovery:
         names = {member.name for member in members}
         by_node = {linear.node: linear for linear in linears}
         down = linears[-1]
-        hidden = linear_input(self.nodes[down.node], down)
-        while is_identity(hidden) or packet(hidden) in {aten.view, aten.reshape, aten._unsafe_view}:
-            hidden = hidden.args[0]
+        hidden = unviewed(linear_input(self.nodes[down.node], down))
         activation = next(
             (name for node in members if (name := ACTIVATION_OPS.get(packet(node))) is not None), "custom"
         )
@@ -398,22 +369,11 @@ def discover_blocks(gm: GraphModule) -> BlockMap:
     return block_map
 
 
-def linear_input(node: Node, linear: Linear) -> Node:
-    """The activation a linear multiplies: aten.linear's first argument, Conv1D addmm's second."""
-    return node.args[1] if linear.transposed else node.args[0]
-
-
-def attr_target(arg: object) -> str | None:
-    return arg.target if isinstance(arg, Node) and arg.op == "get_attr" else None
-
-
-def flat_nodes(args: object) -> list[Node]:
-    """The nodes among (possibly nested list) arguments, in order."""
-    if isinstance(args, Node):
-        return [args]
-    if isinstance(args, (list, tuple)):
-        return [node for arg in args for node in flat_nodes(arg)]
-    return []
+def block_boundaries(gm: GraphModule, block_map: BlockMap) -> list[str]:
+    """Names of the stream values between blocks: entering block 0, then leaving each block."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    entry = resolve_identity(nodes[block_map.blocks[0].attention[0].stream_in]).name
+    return [entry] + [block.mlp[-1].add for block in block_map.blocks]
 
 
 def split_sizes(split: Node, total: int) -> list[int]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fxflatten.capture import PARAM_PREFIX
-from fxflatten.layout import BlockMap
+from fxflatten.graph.capture import PARAM_PREFIX
+from fxflatten.graph.layout import BlockMap
 
 
 def model_name(target: str) -> str:

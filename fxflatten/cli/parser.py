@@ -1,50 +1,12 @@
-"""The ``fxflatten`` command: a thin front end over the public Python API.
+"""The ``fxflatten`` command line: subcommands, their options and help.
 
-User mistakes (:class:`FxflattenError`) print one line and exit with status 2; ``--debug`` shows
-the traceback instead. Ctrl-C prints one line and exits with status 130; outputs are written
-atomically, so an interrupted run leaves the old output or none.
+Each subcommand names the function of :mod:`fxflatten.cli.commands` that runs it; that module
+(and torch with it) is imported only after the arguments parse, so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
-import warnings
-from collections.abc import Sequence
-
-from fxflatten.errors import FxflattenError
-from fxflatten.report import block_rows, format_table
-
-log = logging.getLogger("fxflatten")
-
-
-def cmd_inspect(args: argparse.Namespace) -> None:
-    from fxflatten.capture import capture
-    from fxflatten.graph import discover_blocks
-    from fxflatten.load import load_model
-
-    model, _ = load_model(args.model)
-    block_map = discover_blocks(capture(model))
-    rows = block_rows(block_map)
-    summary = {
-        "model": str(args.model),
-        "num_blocks": len(block_map.blocks),
-        "hidden_size": block_map.hidden_size,
-        "block_parameters": block_map.block_parameters,
-        "total_parameters": block_map.total_parameters,
-        "blocks": rows,
-    }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return
-    columns = ["block", "module", "parallel", "heads", "kv_heads", "head_dim", "mlp_width", "activation", "norm", "parameters", "fusable"]
-    print(format_table(columns, [[row[c] for c in columns] for row in rows]))
-    print(
-        f"{len(block_map.blocks)} blocks, hidden size {block_map.hidden_size}, "
-        f"{block_map.block_parameters:,} parameters in blocks of {block_map.total_parameters:,} in all"
-    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,36 +18,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
-def cmd_flatten(args: argparse.Namespace) -> None:
-    from fxflatten.commands import run_flatten
-
-    run_flatten(args)
-
-
-def cmd_compress(args: argparse.Namespace) -> None:
-    from fxflatten.commands import run_compress
-
-    run_compress(args)
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from fxflatten.commands import run_eval
-
-    run_eval(args)
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    from fxflatten.commands import run_export
-
-    run_export(args)
-
-
-def cmd_run_onnx(args: argparse.Namespace) -> None:
-    from fxflatten.commands import run_onnx
-
-    run_onnx(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxflatten", description="Depth compression of pre-norm transformers (FlattenGPT) as torch.fx graph passes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -94,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="capture a model and show the blocks found in its graph")
     inspect.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     inspect.add_argument("--json", action="store_true", help="print the block table as JSON")
-    inspect.set_defaults(run=cmd_inspect)
+    inspect.set_defaults(run="run_inspect")
 
     flatten = commands.add_parser("flatten", help="flatten and widen the most similar adjacent blocks (no pruning)")
     flatten.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, or 'default'")
@@ -104,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     flatten.add_argument("--force", action="store_true", help="replace --out if it exists")
     flatten.add_argument("--dry-run", action="store_true", help="print the similarity table and the chosen groups only")
     add_data_arguments(flatten)
-    flatten.set_defaults(run=cmd_flatten)
+    flatten.set_defaults(run="run_flatten")
 
     compress = commands.add_parser("compress", help="flatten the most similar blocks and prune them back: a shallower model")
     compress.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, or 'default'")
@@ -120,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
     compress.add_argument("--onnx", action="store_true", help="also write model.onnx (logits form, checked in ONNX Runtime) into --out")
     add_data_arguments(compress)
-    compress.set_defaults(run=cmd_compress)
+    compress.set_defaults(run="run_compress")
 
     evaluate = commands.add_parser("eval", help="held-out perplexity and zero-shot accuracy (lm-evaluation-harness) of a model or an fxflatten output")
     evaluate.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, 'default', or a directory fxflatten wrote (model.pt2 or a checkpoint)")
@@ -129,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all the text holds)")
     evaluate.add_argument("--tasks", nargs="*", metavar="TASK", help="lm-eval tasks for zero-shot accuracy; given alone, the shipped offline task fxflatten_next_sentence (needs pip install 'fxflatten[eval]')")
     evaluate.add_argument("--limit", type=int, default=None, help="at most N examples per task (default: all)")
-    evaluate.set_defaults(run=cmd_eval)
+    evaluate.set_defaults(run="run_eval")
 
     export = commands.add_parser("export", help="export a model or an fxflatten output to ONNX, checked in ONNX Runtime")
     export.add_argument("model", nargs="?", default="default", help="HF model directory, .gguf file, 'default', or a directory fxflatten wrote (model.pt2 or a checkpoint)")
@@ -137,67 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--with-past", action="store_true", help="export the decoding step with KV-cache inputs and outputs (past_key_values.N.key/value, present.N.key/value); needs a Hugging Face model")
     export.add_argument("--atol", type=float, default=1e-4, help="absolute logit tolerance of the ONNX Runtime check, plus 1e-4 x the largest logit (default 1e-4)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
-    export.set_defaults(run=cmd_export)
+    export.set_defaults(run="run_export")
 
     run_onnx = commands.add_parser("run-onnx", help="greedy generation in ONNX Runtime from a directory fxflatten exported")
     run_onnx.add_argument("dir", help="directory holding model.onnx and its tokenizer (or the .onnx file itself)")
     run_onnx.add_argument("--prompt", required=True, help="text to continue")
     run_onnx.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate (default 32)")
-    run_onnx.set_defaults(run=cmd_run_onnx)
+    run_onnx.set_defaults(run="run_onnx")
     return parser
-
-
-def quiet_libraries() -> None:
-    """Keep transformers' warnings and weight-loading bars out of the user's terminal."""
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    # The ONNX exporter logs every optional op set it skips and every rewrite it applies;
-    # lm-eval warns about every task option it fills in by default.
-    for name in ("torch.onnx", "onnxscript", "onnx_ir", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.debug:
-        quiet_libraries()
-    try:
-        args.run(args)
-    except KeyboardInterrupt:
-        if args.debug:
-            raise
-        print("fxflatten: interrupted; no partial output was left (an existing one is unchanged)", file=sys.stderr)
-        return 130
-    except Exception as error:
-        cause = user_error(error)
-        if cause is None or args.debug:
-            raise
-        print(f"fxflatten: error: {cause}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def user_error(error: BaseException) -> FxflattenError | None:
-    """The :class:`FxflattenError` behind ``error``, if any.
-
-    Libraries that run our code re-raise its errors wrapped in their own (torch's PassManager
-    raises ``Exception(...) from error``); following the explicit ``from`` chain still finds the
-    user's mistake, so it gets its one line instead of a traceback.
-    """
-    while error is not None:
-        if isinstance(error, FxflattenError):
-            return error
-        error = error.__cause__
-    return None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,12 +6,13 @@ graph is cut into segments: a prologue (embedding, masks, rotary tables: everyth
 not depend on a block), one segment per block (the nodes between the stream value entering it
 and the stream value leaving it), and an epilogue (final norm, head). Segments run node by node
 over every calibration batch; between segments only the values later segments read survive.
-A pass over a whole model can keep even the stream on disk between blocks (`SpilledStream`).
+A pass over a whole model can keep even the stream on disk between blocks
+(:class:`fxflatten.run.spill.SpilledStream`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -19,11 +20,10 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from fxflatten.graph import resolve_identity, to_digraph
-from fxflatten.heap import release_free_memory
-from fxflatten.layout import Block, BlockMap
-from fxflatten.spill import Spill
-from fxflatten.tensors import get_tensor
+from fxflatten.graph.discovery import block_boundaries
+from fxflatten.graph.fx import to_digraph
+from fxflatten.graph.layout import Block, BlockMap
+from fxflatten.graph.params import get_tensor
 
 #: Called with (node, value) for watched nodes as a segment runs.
 Observer = Callable[[Node, torch.Tensor], None]
@@ -36,13 +36,6 @@ class Segment:
     name: str
     nodes: list[Node]
     block: Block | None = None
-
-
-def block_boundaries(gm: GraphModule, block_map: BlockMap) -> list[str]:
-    """Names of the stream values between blocks: entering block 0, then leaving each block."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    entry = resolve_identity(nodes[block_map.blocks[0].attention[0].stream_in]).name
-    return [entry] + [block.mlp[-1].add for block in block_map.blocks]
 
 
 def segments(gm: GraphModule, block_map: BlockMap) -> list[Segment]:
@@ -178,53 +171,3 @@ def share_equal_values(first: dict[str, object], env: dict[str, object]) -> None
 def batches_of(windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Token windows as (input_ids, attention_mask) batches."""
     return [(chunk, torch.ones_like(chunk)) for chunk in windows.split(batch_size)]
-
-
-class SpilledStream(Sequence[torch.Tensor]):
-    """The compressed model's stream between blocks, one file per batch, in memory one batch at a time.
-
-    Between blocks the pass holds every batch's stream; in memory that is a layer's calibration
-    activations (144 MiB for 128 x 512 tokens of a 576-wide model, 4 GiB for 128 x 2048 of a
-    4096-wide one). :meth:`batches` puts each batch's stream into its environment only while
-    that batch runs; :meth:`store` writes the stream a block left back to disk. Indexing loads
-    one batch's stream, for a consumer that reads it once (the reference's seed).
-    """
-
-    def __init__(self, spill: Spill, runner: SegmentRunner, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                 name: str) -> None:
-        """Run the prologue on every batch, moving each batch's stream ``name`` to disk as it is made."""
-        self.spill = spill
-        self.names = [name] * len(batches)
-        self.envs = runner.prologue(batches, each=lambda index, env: self.spill.put(f"compressed-{index}", env.pop(name)))
-
-    def store(self, index: int, env: dict[str, object], name: str) -> None:
-        """Move batch ``index``'s value ``name`` (the stream a block left) out of ``env`` to disk."""
-        self.spill.put(f"compressed-{index}", env.pop(name))
-        self.names[index] = name
-
-    def batches(self) -> Iterator[tuple[int, dict[str, object]]]:
-        """Each batch's index and environment, its stream loaded under the name it was stored
-        with; once the caller moves on, the stream leaves the environment (unless stored anew).
-
-        After the last batch the allocator's free memory goes back to the system: a pass leaves
-        heap holes the size of one batch's intermediates, which the step after it (a Gram
-        matrix's linear algebra, another pass) would otherwise hold beside its own. On the
-        default model at 128 windows this lowers the prune peak by about 160 MiB; trimming
-        after every batch instead lowers it no further and costs 15% of the prune time.
-        """
-        for index, env in enumerate(self.envs):
-            name = self.names[index]
-            env[name] = self[index]
-            try:
-                yield index, env
-            finally:
-                env.pop(name, None)
-        release_free_memory()
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch {index} of {len(self)}")
-        return self.spill.get(f"compressed-{index}")
-
-    def __len__(self) -> int:
-        return len(self.envs)

@@ -17,8 +17,8 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fxflatten.capture import MAX_LEN
 from fxflatten.errors import FxflattenError
+from fxflatten.graph.capture import MAX_LEN
 
 #: Captured graphs take sequences of at least two tokens (their dynamic sequence dimension starts at 2).
 MIN_LEN = 2

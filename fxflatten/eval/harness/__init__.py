@@ -6,7 +6,7 @@ evaluation text), so an accuracy is available offline. Nothing here imports lm-e
 task is run, so the package imports without the extra.
 """
 
-from fxflatten.harness.next_sentence import TASK
-from fxflatten.harness.zero_shot import TaskScore, require_lm_eval, zero_shot
+from fxflatten.eval.harness.next_sentence import TASK
+from fxflatten.eval.harness.zero_shot import TaskScore, require_lm_eval, zero_shot
 
 __all__ = ["TASK", "TaskScore", "require_lm_eval", "zero_shot"]

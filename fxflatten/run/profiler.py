@@ -1,4 +1,5 @@
-"""Time and peak memory of each stage of a run, for the report and the closing table."""
+"""Time and peak memory of each step of a run (load, select, flatten, prune, ...), for the
+report and the closing table."""
 
 from __future__ import annotations
 
@@ -10,25 +11,27 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from fxflatten.report import format_table
+from fxflatten.tables import format_table
 
 
 @dataclass
-class Stage:
+class Step:
+    """One measured step: its wall time and the process's peak RSS while it ran."""
+
     name: str
     seconds: float
     peak_rss_mib: float
 
 
 @dataclass
-class Stages:
-    """Records each ``with stages("name"):`` block's wall time and the process's peak RSS in it.
+class Profiler:
+    """Records each ``with profiler("name"):`` block's wall time and the process's peak RSS in it.
 
     RSS is sampled every 20 ms on a background thread: the peak of the whole process while the
-    stage ran, which is what decides whether a run fits in memory.
+    step ran, which is what decides whether a run fits in memory.
     """
 
-    done: list[Stage] = field(default_factory=list)
+    done: list[Step] = field(default_factory=list)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -49,10 +52,10 @@ class Stages:
             stop.set()
             thread.join()
             peak[0] = max(peak[0], process.memory_info().rss)
-            self.done.append(Stage(name, time.perf_counter() - start, peak[0] / 2**20))
+            self.done.append(Step(name, time.perf_counter() - start, peak[0] / 2**20))
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {s.name: {"seconds": round(s.seconds, 3), "peak_rss_mib": round(s.peak_rss_mib, 1)} for s in self.done}
 
     def table(self) -> str:
-        return format_table(["stage", "seconds", "peak RSS MiB"], [[s.name, s.seconds, s.peak_rss_mib] for s in self.done])
+        return format_table(["step", "seconds", "peak RSS MiB"], [[s.name, s.seconds, s.peak_rss_mib] for s in self.done])

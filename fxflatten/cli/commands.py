@@ -1,28 +1,53 @@
-"""What the CLI's commands do, written over the public API so the CLI itself stays a parser."""
+"""What each ``fxflatten`` subcommand does, written over the public Python API."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from fxflatten.capture import capture
-from fxflatten.errors import FxflattenError
-from fxflatten.evaluate import perplexity
+from fxflatten.cli.output import atomic_dir, check_output, write_report
+from fxflatten.errors import FxflattenError, check_finite, check_parameters_finite
+from fxflatten.eval.perplexity import perplexity
 from fxflatten.export.program import save_program
-from fxflatten.graph import discover_blocks
+from fxflatten.graph.capture import capture
+from fxflatten.graph.discovery import discover_blocks
 from fxflatten.load import load_model
-from fxflatten.numerics import check_finite, check_parameters_finite
-from fxflatten.output import atomic_dir, check_output, write_report
 from fxflatten.pipeline import flatten
-from fxflatten.report import format_table
-from fxflatten.select import check_flatten_share, check_ratio, select_groups
-from fxflatten.stages import Stages
+from fxflatten.plans import check_flatten_share
+from fxflatten.run.profiler import Profiler
+from fxflatten.selection import check_ratio, select_groups
+from fxflatten.tables import block_rows, format_table
 from fxflatten.text import calibration_windows, evaluation_windows, warn_if_overlapping
 
 log = logging.getLogger(__name__)
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    """fxflatten inspect: capture a model and print (or dump as JSON) the blocks found in its graph."""
+    model, _ = load_model(args.model)
+    block_map = discover_blocks(capture(model))
+    rows = block_rows(block_map)
+    summary = {
+        "model": str(args.model),
+        "num_blocks": len(block_map.blocks),
+        "hidden_size": block_map.hidden_size,
+        "block_parameters": block_map.block_parameters,
+        "total_parameters": block_map.total_parameters,
+        "blocks": rows,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    columns = ["block", "module", "parallel", "heads", "kv_heads", "head_dim", "mlp_width", "activation", "norm", "parameters", "fusable"]
+    print(format_table(columns, [[row[c] for c in columns] for row in rows]))
+    print(
+        f"{len(block_map.blocks)} blocks, hidden size {block_map.hidden_size}, "
+        f"{block_map.block_parameters:,} parameters in blocks of {block_map.total_parameters:,} in all"
+    )
 
 
 def run_flatten(args: argparse.Namespace) -> None:
@@ -33,27 +58,27 @@ def run_flatten(args: argparse.Namespace) -> None:
         check_output(Path(args.out), args.force)
     check_ratio(args.ratio)
     torch.manual_seed(args.seed)
-    stages = Stages()
-    with stages("load"):
+    profiler = Profiler()
+    with profiler("load"):
         model, tokenizer = load_model(args.model)
         check_parameters_finite(model)
         calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
-    with stages("capture"):
+    with profiler("capture"):
         graph = capture(model)
         block_map = discover_blocks(graph)
-    with stages("select"):
+    with profiler("select"):
         selection = select_groups(graph, calib, args.ratio, block_map, max_group=args.max_group, progress=True)
     print(selection.table())
     print(f"groups: {selection.groups}  (removes {selection.ratio:.3f} of parameters once pruned back; asked {args.ratio})")
     if args.dry_run:
         return
     warn_if_overlapping(args.calib, args.eval_text)
-    with stages("flatten"):
+    with profiler("flatten"):
         result = flatten(graph, groups=selection.groups)
     for index, reason in result.unfused.items():
         print(f"block {index} stays parallel: {reason}")
     evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
-    with stages("evaluate"):
+    with profiler("evaluate"):
         dense = perplexity(graph, evaluation, progress=True)
         widened = perplexity(result.graph, evaluation, progress=True)
     widened_map = discover_blocks(result.graph)
@@ -67,10 +92,10 @@ def run_flatten(args: argparse.Namespace) -> None:
         "perplexity": {"dense": dense.value, "widened": widened.value, "windows": dense.windows, "seq_len": dense.seq_len, "tokens": dense.tokens},
         "unfused": result.unfused,
     }
-    with stages("save"), atomic_dir(args.out, args.force) as tmp:
+    with profiler("save"), atomic_dir(args.out, args.force) as tmp:
         save_program(result.graph, tmp)
         tokenizer.save_pretrained(tmp)
-        report["stages"] = stages.as_dict()
+        report["steps"] = profiler.as_dict()
         write_report(tmp, report)
     print(format_table(
         ["model", "layers", "parameters", "perplexity"],
@@ -78,7 +103,7 @@ def run_flatten(args: argparse.Namespace) -> None:
          ["flattened + widened", len(widened_map.blocks), widened_map.total_parameters, widened.value]],
     ))
     print(f"held-out perplexity measured on {dense.measured_on}")
-    print(stages.table())
+    print(profiler.table())
     print(f"wrote {args.out}")
 
 
@@ -86,29 +111,29 @@ def run_compress(args: argparse.Namespace) -> None:
     """fxflatten compress: select, flatten, fold, fuse, prune back, evaluate and save."""
     from fxflatten.export.hf import check_same_logits, to_pretrained
     from fxflatten.export.onnx import ONNX_FILE, to_onnx
-    from fxflatten.passes.prune import PruneConfig
     from fxflatten.pipeline import compress
+    from fxflatten.plans import PruneConfig
 
     out = Path(args.out)
     check_output(out, args.force)
     check_ratio(args.ratio)
     check_flatten_share(args.flatten_share, args.ratio)
     torch.manual_seed(args.seed)
-    stages = Stages()
-    with stages("load"):
+    profiler = Profiler()
+    with profiler("load"):
         model, tokenizer = load_model(args.model)
         check_parameters_finite(model)
         calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
         evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
         warn_if_overlapping(args.calib, args.eval_text)
-    with stages("capture"):
+    with profiler("capture"):
         graph = capture(model)
         block_map = discover_blocks(graph)
     config = PruneConfig(target=args.target, head_score=args.head_score, refit_inputs=args.input_refit)
     result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group,
-                      select=args.select, flatten_share=args.flatten_share, progress=True, stages=stages)
+                      select=args.select, flatten_share=args.flatten_share, progress=True, profiler=profiler)
     compressed_map = discover_blocks(result.graph)
-    with stages("evaluate"):
+    with profiler("evaluate"):
         dense = perplexity(graph, evaluation, progress=True)
         compressed = perplexity(result.graph, evaluation, progress=True)
     check_finite(compressed.value, "held-out perplexity of the compressed model")
@@ -127,7 +152,7 @@ def run_compress(args: argparse.Namespace) -> None:
         "prune": {"config": vars(config), "width": args.width, "blocks": result.prune.blocks},
         "unfused": result.unfused,
     }
-    with stages("save"), atomic_dir(out, args.force) as tmp:
+    with profiler("save"), atomic_dir(out, args.force) as tmp:
         try:
             pretrained = to_pretrained(result.graph, model, block_map)
             report["hf_logit_difference"] = check_same_logits(result.graph, pretrained)
@@ -142,7 +167,7 @@ def run_compress(args: argparse.Namespace) -> None:
             onnx_export = to_onnx(result.graph, tmp / ONNX_FILE)
             report["onnx"] = onnx_export.as_dict()
             print(onnx_export.summary())
-        report["stages"] = stages.as_dict()
+        report["steps"] = profiler.as_dict()
         write_report(tmp, report)
     print(format_table(
         ["model", "layers", "parameters", "perplexity", "x dense"],
@@ -151,7 +176,7 @@ def run_compress(args: argparse.Namespace) -> None:
     ))
     print(f"groups {result.groups}; removed {removed / block_map.total_parameters:.3f} of parameters (asked {args.ratio})")
     print(f"held-out perplexity measured on {dense.measured_on}")
-    print(stages.table())
+    print(profiler.table())
     print(f"wrote {out} ({report['format']})")
 
 
@@ -159,9 +184,9 @@ def run_eval(args: argparse.Namespace) -> None:
     """fxflatten eval: held-out perplexity and, with --tasks, zero-shot accuracy of a model in memory."""
     from torch.fx import GraphModule
 
-    from fxflatten.capture import MAX_LEN
+    from fxflatten.eval.harness import require_lm_eval, zero_shot
     from fxflatten.export.program import load_source
-    from fxflatten.harness import require_lm_eval, zero_shot
+    from fxflatten.graph.capture import MAX_LEN
 
     if args.tasks is not None:
         require_lm_eval()  # before the model loads: a missing extra should not cost a load first

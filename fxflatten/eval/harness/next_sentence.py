@@ -5,7 +5,7 @@ candidate continuations: the sentence that really follows, and three sentences o
 length from far away in the same text. A model that follows the topic and the syntax of the
 context picks the true one; word statistics alone do not help, since every candidate is from
 the same article. The items are drawn with a fixed seed, so the task is the same on every run
-and machine; ``python -m fxflatten.harness.next_sentence`` rewrites the shipped data file and
+and machine; ``python -m fxflatten.eval.harness.next_sentence`` rewrites the shipped data file and
 a test checks that it still matches what this module builds.
 
 It exists so that the lm-evaluation-harness path reports an accuracy offline; it is not a

@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from transformers import PreTrainedTokenizerBase
 
 from fxflatten.errors import FxflattenError
-from fxflatten.harness.next_sentence import TASK
+from fxflatten.eval.harness.next_sentence import TASK
 
 #: Where the shipped task YAML lives; lm-eval scans it for local tasks.
 TASK_DIR = Path(__file__).parent
@@ -47,7 +47,7 @@ def zero_shot(graph: GraphModule, tokenizer: PreTrainedTokenizerBase, tasks: lis
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from fxflatten.harness.lm import GraphLM
+    from fxflatten.eval.harness.lm import GraphLM
 
     tasks = tasks or [TASK]
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=tasks != [TASK])

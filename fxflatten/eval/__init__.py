@@ -1,0 +1,1 @@
+"""Measuring a graph: held-out perplexity, and zero-shot accuracy through lm-evaluation-harness."""
