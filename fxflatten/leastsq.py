@@ -30,7 +30,7 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0, block: int = 768) ->
     sums of squares of ``L^-1`` for the Cholesky factor L: several times faster than an
     eigendecomposition. ``L^-1`` is lower triangular, so its columns are solved ``block`` at a
     time against the trailing part of L only: beside L, two n x ``block`` matrices are held
-    instead of two n x n ones (38 MiB each for the default model's widened MLP). A ridge this
+    instead of two n x n ones. A ridge this
     large (the condition number is at most n / ridge + 1) makes float32 accurate enough to rank
     channels, at half the time of float64.
     """
@@ -38,7 +38,7 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0, block: int = 768) ->
     lam = ridge * shifted.diagonal().mean().clamp(min=1e-12)
     shifted.diagonal().add_(lam)
     factor = torch.linalg.cholesky(shifted)
-    del shifted  # n x n matrices are 38 MiB each for the default model's widened MLP; hold few
+    del shifted  # n x n matrices are the largest things held here: keep as few as possible
     n = gram.shape[0]
     inverse_diagonal = torch.empty(n, dtype=factor.dtype)
     for start in range(0, n, block):
@@ -132,11 +132,10 @@ def add_gram(total: torch.Tensor | None, x: torch.Tensor, pieces: int = 4) -> to
 
     The product is symmetric, so only the blocks on and above the diagonal of a ``pieces`` x
     ``pieces`` tiling are multiplied and the others mirrored: 10 of 16 block products for the
-    default 4, which for the widened MLP's 3072 channels is most of a pruned block's
-    statistics time. Summed in float32, not float64: a batch's product already sums thousands
+    default 4; for a widened MLP's channels this is most of a pruned block's statistics time. Summed in float32, not float64: a batch's product already sums thousands
     of tokens in float32, and a sum over batches adds less rounding than that, far below the
     ridges every use adds (1e-3 of the mean diagonal and more); at half the size, the widened
-    MLP's matrix (36 MiB) and the linear algebra on it hold 72 MiB less at the prune peak.
+    MLP's matrix and the linear algebra on it hold half the memory at the prune peak.
     """
     n = x.shape[1]
     if total is None:

@@ -68,7 +68,7 @@ def flatten(model_or_graph: nn.Module | GraphModule, groups: list[list[int]] | N
         result = run_passes(folded, [fuse])
         # Fused in place, the folded graph still holds every widened weight, and being a
         # reference cycle it outlives this function until the cycle collector runs: the
-        # prune pass could then free no widened block it prunes (up to 190 MiB).
+        # prune pass could then free no widened block it prunes.
         del folded
         gc.collect()
     return FlattenResult(result, [list(g) for g in groups], selection, dict(fuse.skipped))
@@ -110,8 +110,8 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
     if share == 0 and groups is None:
         groups = []
     if groups == []:
-        # Nothing to flatten: no flatten stage (its passes would change nothing, 2 s on the
-        # default model), and the pass prunes a copy of the dense graph, never the caller's.
+        # Nothing to flatten: no flatten step (its passes would change nothing but cost time),
+        # and the pass prunes a copy of the dense graph, never the caller's.
         flat, consume = FlattenResult(dense, []), False
     else:
         flat = flatten(dense, groups, share, calib, max_group=max_group, select=select, width=width,

@@ -63,8 +63,8 @@ def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMa
     calibration tokens: all tokens of evenly spaced windows, so the cost is a fraction of one
     forward pass. Each batch runs through every block before the next starts and leaves only
     its contribution to the sums behind, so one batch's states are in memory at a time: the
-    stream at every depth, 35 MiB per window of 512 tokens on the default model, hence one
-    window per batch by default.
+    stream at every depth (blocks x tokens x hidden x 4 bytes per batch), hence one window per
+    batch by default.
     """
     block_map = block_map or discover_blocks(gm)
     parts = segments(gm, block_map)

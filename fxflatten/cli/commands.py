@@ -50,15 +50,10 @@ def run_inspect(args: argparse.Namespace) -> None:
     )
 
 
-def run_flatten(args: argparse.Namespace) -> None:
-    """fxflatten flatten: choose groups, flatten and widen them, report perplexity, save."""
-    if not args.dry_run and not args.out:
-        raise FxflattenError("--out DIR is required to write the widened model (or pass --dry-run)")
-    if args.out:
-        check_output(Path(args.out), args.force)
-    check_ratio(args.ratio)
+def load_and_capture(args: argparse.Namespace, profiler: Profiler):
+    """The first steps of flatten and compress: load and check the model, cut the calibration
+    windows, capture the graph and find its blocks. Returns (model, tokenizer, calib, graph, blocks)."""
     torch.manual_seed(args.seed)
-    profiler = Profiler()
     with profiler("load"):
         model, tokenizer = load_model(args.model)
         check_parameters_finite(model)
@@ -66,6 +61,18 @@ def run_flatten(args: argparse.Namespace) -> None:
     with profiler("capture"):
         graph = capture(model)
         block_map = discover_blocks(graph)
+    return model, tokenizer, calib, graph, block_map
+
+
+def run_flatten(args: argparse.Namespace) -> None:
+    """fxflatten flatten: choose groups, flatten and widen them, report perplexity, save."""
+    if not args.dry_run and not args.out:
+        raise FxflattenError("--out DIR is required to write the widened model (or pass --dry-run)")
+    if args.out:
+        check_output(Path(args.out), args.force)
+    check_ratio(args.ratio)
+    profiler = Profiler()
+    model, tokenizer, calib, graph, block_map = load_and_capture(args, profiler)
     with profiler("select"):
         selection = select_groups(graph, calib, args.ratio, block_map, max_group=args.max_group, progress=True)
     print(selection.table())
@@ -118,17 +125,10 @@ def run_compress(args: argparse.Namespace) -> None:
     check_output(out, args.force)
     check_ratio(args.ratio)
     check_flatten_share(args.flatten_share, args.ratio)
-    torch.manual_seed(args.seed)
     profiler = Profiler()
-    with profiler("load"):
-        model, tokenizer = load_model(args.model)
-        check_parameters_finite(model)
-        calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
-        evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
-        warn_if_overlapping(args.calib, args.eval_text)
-    with profiler("capture"):
-        graph = capture(model)
-        block_map = discover_blocks(graph)
+    model, tokenizer, calib, graph, block_map = load_and_capture(args, profiler)
+    evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+    warn_if_overlapping(args.calib, args.eval_text)
     config = PruneConfig(target=args.target, head_score=args.head_score, refit_inputs=args.input_refit)
     result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group,
                       select=args.select, flatten_share=args.flatten_share, progress=True, profiler=profiler)

@@ -30,9 +30,9 @@ class Perplexity:
 def perplexity(gm: GraphModule, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> Perplexity:
     """exp(mean next-token cross-entropy) over non-overlapping windows, each scored on its own.
 
-    One window at a time by default: a window's logits are 96 MiB for a 49k-token vocabulary
-    and its log-softmax as much again, so batching them would dominate a run's peak memory
-    while a 512-token window already keeps the matrix products efficient.
+    One window at a time by default: a window's logits (seq_len x vocabulary x 4 bytes) and
+    its log-softmax as much again would, batched, dominate a run's peak memory, while one
+    window of a few hundred tokens already keeps the matrix products efficient.
     """
     total, count = 0.0, 0
     for chunk in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, leave=False):

@@ -91,8 +91,8 @@ class SegmentRunner:
         """:meth:`start`, then the prologue on every batch, with its token-independent values shared.
 
         Masks of full windows and rotary tables come out the same for every batch; keeping one
-        copy instead of one per batch saves 1.25 MiB per batch of 4 x 512 tokens on the default
-        model (40 MiB at 128 windows), twice over when a reference graph runs alongside.
+        copy instead of one per batch saves that memory on every batch but the first, twice over
+        when a reference graph runs alongside.
         ``each(index, env)``, if given, is called as soon as a batch's prologue has run, so it
         can move that batch's stream out of memory before the next batch makes its own.
         """
@@ -148,7 +148,7 @@ class SegmentRunner:
             for name in freed_after.get(position, ()):
                 env.pop(name, None)
             # Observers run once the node's inputs are freed: a statistic's temporaries then
-            # take their place (the widened MLP's gate and up activations, 24 MiB per batch).
+            # take their place (the widened MLP's gate and up activations).
             if node.name in watch:
                 watch[node.name](node, result)
             del result
