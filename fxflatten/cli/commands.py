@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from fxflatten.cli.output import atomic_dir, check_output, write_report
-from fxflatten.errors import FxflattenError, check_finite, check_parameters_finite
-from fxflatten.eval.perplexity import perplexity
+from fxflatten.errors import FxflattenError, check_parameters_finite
+from fxflatten.eval.perplexity import geometric_mean
+from fxflatten.eval.report import held_out, perplexity_report, perplexity_table
 from fxflatten.export.program import save_program
 from fxflatten.graph.capture import capture
 from fxflatten.graph.discovery import discover_blocks
@@ -21,7 +22,7 @@ from fxflatten.plans import check_flatten_share
 from fxflatten.run.profiler import Profiler
 from fxflatten.selection import check_ratio, select_groups
 from fxflatten.tables import block_rows, format_table
-from fxflatten.text import calibration_windows, evaluation_windows, warn_if_overlapping
+from fxflatten.text import calibration_windows, evaluation_sets, warn_if_overlapping
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,9 @@ def run_flatten(args: argparse.Namespace) -> None:
         result = flatten(graph, groups=selection.groups)
     for index, reason in result.unfused.items():
         print(f"block {index} stays parallel: {reason}")
-    evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+    sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
     with profiler("evaluate"):
-        dense = perplexity(graph, evaluation, progress=True)
-        widened = perplexity(result.graph, evaluation, progress=True)
+        scores = held_out({"dense": graph, "widened": result.graph}, sets)
     widened_map = discover_blocks(result.graph)
     report = {
         "model": str(args.model),
@@ -96,7 +96,7 @@ def run_flatten(args: argparse.Namespace) -> None:
         "layers": {"before": len(block_map.blocks), "after": len(widened_map.blocks)},
         "parameters": {"before": block_map.total_parameters, "after": widened_map.total_parameters},
         "ratio_once_pruned": selection.ratio,
-        "perplexity": {"dense": dense.value, "widened": widened.value, "windows": dense.windows, "seq_len": dense.seq_len, "tokens": dense.tokens},
+        **perplexity_report(scores),
         "unfused": result.unfused,
     }
     with profiler("save"), atomic_dir(args.out, args.force) as tmp:
@@ -104,12 +104,7 @@ def run_flatten(args: argparse.Namespace) -> None:
         tokenizer.save_pretrained(tmp)
         report["steps"] = profiler.as_dict()
         write_report(tmp, report)
-    print(format_table(
-        ["model", "layers", "parameters", "perplexity"],
-        [["dense", len(block_map.blocks), block_map.total_parameters, dense.value],
-         ["flattened + widened", len(widened_map.blocks), widened_map.total_parameters, widened.value]],
-    ))
-    print(f"held-out perplexity measured on {dense.measured_on}")
+    print(perplexity_table(scores, {"dense": block_map, "widened": widened_map}))
     print(profiler.table())
     print(f"wrote {args.out}")
 
@@ -127,16 +122,14 @@ def run_compress(args: argparse.Namespace) -> None:
     check_flatten_share(args.flatten_share, args.ratio)
     profiler = Profiler()
     model, tokenizer, calib, graph, block_map = load_and_capture(args, profiler)
-    evaluation = evaluation_windows(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+    sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
     warn_if_overlapping(args.calib, args.eval_text)
     config = PruneConfig(target=args.target, head_score=args.head_score, refit_inputs=args.input_refit)
     result = compress(graph, args.ratio, calib, config=config, width=args.width, max_group=args.max_group,
                       select=args.select, flatten_share=args.flatten_share, progress=True, profiler=profiler)
     compressed_map = discover_blocks(result.graph)
     with profiler("evaluate"):
-        dense = perplexity(graph, evaluation, progress=True)
-        compressed = perplexity(result.graph, evaluation, progress=True)
-    check_finite(compressed.value, "held-out perplexity of the compressed model")
+        scores = held_out({"dense": graph, "compressed": result.graph}, sets)
     removed = block_map.total_parameters - compressed_map.total_parameters
     report = {
         "model": str(args.model),
@@ -144,8 +137,7 @@ def run_compress(args: argparse.Namespace) -> None:
         "layers": {"before": len(block_map.blocks), "after": len(compressed_map.blocks)},
         "parameters": {"before": block_map.total_parameters, "after": compressed_map.total_parameters},
         "ratio": {"asked": args.ratio, "achieved": removed / block_map.total_parameters},
-        "perplexity": {"dense": dense.value, "compressed": compressed.value, "windows": dense.windows,
-                       "seq_len": dense.seq_len, "tokens": dense.tokens},
+        **perplexity_report(scores),
         "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
         "select": args.select,
         "flatten_share": args.flatten_share,
@@ -169,13 +161,8 @@ def run_compress(args: argparse.Namespace) -> None:
             print(onnx_export.summary())
         report["steps"] = profiler.as_dict()
         write_report(tmp, report)
-    print(format_table(
-        ["model", "layers", "parameters", "perplexity", "x dense"],
-        [["dense", len(block_map.blocks), block_map.total_parameters, dense.value, 1.0],
-         ["compressed", len(compressed_map.blocks), compressed_map.total_parameters, compressed.value, compressed.value / dense.value]],
-    ))
+    print(perplexity_table(scores, {"dense": block_map, "compressed": compressed_map}))
     print(f"groups {result.groups}; removed {removed / block_map.total_parameters:.3f} of parameters (asked {args.ratio})")
-    print(f"held-out perplexity measured on {dense.measured_on}")
     print(profiler.table())
     print(f"wrote {out} ({report['format']})")
 
@@ -194,12 +181,14 @@ def run_eval(args: argparse.Namespace) -> None:
     graph = source if isinstance(source, GraphModule) else capture(source)
     if args.seq_len > graph.meta[MAX_LEN]:
         raise FxflattenError(f"--seq-len {args.seq_len} exceeds the model's context of {graph.meta[MAX_LEN]} tokens")
-    windows = evaluation_windows(tokenizer, args.text, args.windows, args.seq_len)
+    sets = evaluation_sets(tokenizer, args.text, args.windows, args.seq_len)
     block_map = discover_blocks(graph)
-    result = perplexity(graph, windows, progress=True)
-    check_finite(result.value, "held-out perplexity")
+    scores = held_out({"model": graph}, sets)["model"]
     print(f"{args.model}: {len(block_map.blocks)} layers, {block_map.total_parameters:,} parameters")
-    print(f"held-out perplexity {result}")
+    print(format_table(["held-out text", "perplexity", "windows", "tokens predicted"],
+                       [[domain, p.value, p.windows, p.tokens] for domain, p in scores.items()]))
+    if len(scores) > 1:
+        print(f"geometric mean over the domains: {geometric_mean([p.value for p in scores.values()]):.4g}")
     if args.tasks is not None:
         scores = zero_shot(graph, tokenizer, args.tasks or None, limit=args.limit, progress=True)
         print(format_table(

@@ -41,3 +41,14 @@ def perplexity(gm: GraphModule, windows: torch.Tensor, batch_size: int = 1, prog
             total += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()
         count += chunk[:, 1:].numel()
     return Perplexity(math.exp(total / count), count, windows.shape[0], windows.shape[1])
+
+
+def perplexities(gm: GraphModule, sets: dict[str, torch.Tensor], progress: bool = False) -> dict[str, Perplexity]:
+    """:func:`perplexity` on each named set of windows (one per domain)."""
+    return {name: perplexity(gm, windows, progress=progress) for name, windows in sets.items()}
+
+
+def geometric_mean(values: list[float]) -> float:
+    """The geometric mean: the summary of perplexity ratios over domains, where a domain that
+    doubles counts as much as one that halves."""
+    return math.exp(sum(math.log(v) for v in values) / len(values))
