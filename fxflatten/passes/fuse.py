@@ -23,10 +23,10 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fxflatten.graph.discovery import discover_blocks
-from fxflatten.graph.layout import Branch, Linear, Projection
+from fxflatten.errors import FxflattenError
+from fxflatten.graph.layout import BlockMap, Branch, Linear, Projection
 from fxflatten.graph.params import bias, set_tensor, set_weight, weight
-from fxflatten.passes.base import GraphPass, drop_dead, editable_copy, finish
+from fxflatten.passes.base import GraphPass, contract_error, drop_dead, editable_copy, finish
 from fxflatten.passes.rescale import rescale_constants
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def why_not_fusable(stage: tuple[Branch, ...]) -> str | None:
     """None if the parallel branches of a stage can be fused exactly, else the reason."""
     first = stage[0]
     if any(branch.post_norm for branch in stage):
-        return "a branch has a post-branch norm (its output is normalised before the add)"
+        return "a branch has a post-branch norm (its output is normalised on its way to the add)"
     if any(branch.norm and (branch.norm.weight or branch.norm.bias) for branch in stage):
         return "norms are not folded yet (run FoldNormsPass first)"
     if len({(b.norm.kind, b.norm.eps) if b.norm else None for b in stage}) > 1:
@@ -79,16 +79,29 @@ def widen_inputs(gm: GraphModule, stage: tuple[Branch, ...]) -> None:
             set_tensor(gm, linear.bias, torch.cat([bias(gm, p.linear)[p.start:p.stop] for p in parts]))
 
 
+def check_output_biases(stage: tuple[Branch, ...]) -> None:
+    """The fused output linear is the first branch's: it must have a bias if any branch has one.
+
+    The output biases add up in the first linear's bias; a branch without one adds zero.
+    """
+    first, *others = [projections_of(branch)[1] for branch in stage]
+    with_bias = next((linear for linear in others if linear.bias), None)
+    if first.bias is None and with_bias is not None:
+        raise FxflattenError(
+            f"{first.weight} has no bias but the parallel {with_bias.weight} has one, so their sum has "
+            f"nowhere to go; give {first.weight} a zero bias in the model before capturing it"
+        )
+
+
 def widen_output(gm: GraphModule, nodes: dict[str, Node], stage: tuple[Branch, ...]) -> None:
     """Concatenate the output linears' input columns; add their biases."""
+    check_output_biases(stage)
     outputs = [projections_of(branch)[1] for branch in stage]
     first = outputs[0]
     set_weight(gm, first, torch.cat([weight(gm, linear) for linear in outputs], dim=1))
     biases = [bias(gm, linear) for linear in outputs if linear.bias]
-    if biases and first.bias:
+    if biases:
         set_tensor(gm, first.bias, torch.stack(biases).sum(0))
-    elif biases:
-        raise ValueError("only some parallel output projections have a bias")
 
 
 def fuse_stage(gm: GraphModule, nodes: dict[str, Node], stage: tuple[Branch, ...]) -> None:
@@ -105,34 +118,49 @@ def fuse_stage(gm: GraphModule, nodes: dict[str, Node], stage: tuple[Branch, ...
         add.replace_all_uses_with(operand)
 
 
+def plan(block_map: BlockMap) -> tuple[list[tuple[Branch, ...]], dict[int, str]]:
+    """The parallel stages to fuse, and why each block left parallel is (block index -> reason)."""
+    stages, skipped = [], {}
+    for block in block_map.blocks:
+        for stage in (block.attention, block.mlp):
+            if len(stage) < 2:
+                continue
+            reason = why_not_fusable(stage)
+            if reason:
+                skipped[block.index] = "; ".join(filter(None, [skipped.get(block.index), reason]))
+            else:
+                stages.append(stage)
+    return stages, skipped
+
+
 class FusePass(GraphPass):
-    """Widen every flattened block's parallel branches into one branch each."""
+    """Widen every flattened block's parallel branches into one branch each.
+
+    Requires: the graph has blocks, and every stage to fuse can hold its output biases.
+    Ensures: the blocks are the same in number, and only the blocks reported in ``skipped``
+    keep a stage of more than one branch.
+    """
 
     def __init__(self, consume: bool = False) -> None:
         """``consume=True`` fuses the input graph itself instead of a copy sharing its tensors.
 
         For a caller that made the input and will not use it again (``flatten`` and its folded
         graph): each stage's parallel weights are then freed as soon as it is fused, instead of
-        all of them staying alive with the input until the pass ends, beside the widened ones
-        (190 MiB on the default model at ``--ratio 0.2``).
+        all of them staying alive with the input until the pass ends, beside the widened ones,
+        which would hold the flattened blocks' weights twice at the peak.
         """
         self.consume = consume
         self.skipped: dict[int, str] = {}
 
+    def requires(self, graph_module: GraphModule) -> None:
+        super().requires(graph_module)
+        for stage in plan(self.record_input(graph_module))[0]:
+            check_output_biases(stage)
+
     def call(self, graph_module: GraphModule) -> PassResult:
-        self.skipped = {}
-        block_map = discover_blocks(graph_module)
-        stages = []
-        for block in block_map.blocks:
-            for stage in (block.attention, block.mlp):
-                if len(stage) < 2:
-                    continue
-                reason = why_not_fusable(stage)
-                if reason:
-                    self.skipped[block.index] = "; ".join(filter(None, [self.skipped.get(block.index), reason]))
-                    log.warning("block %d stays parallel: %s", block.index, reason)
-                else:
-                    stages.append(stage)
+        stages, self.skipped = plan(self.blocks_of(graph_module))
+        for index, reason in self.skipped.items():
+            log.warning("block %d stays parallel: %s", index, reason)
         if not stages:
             return PassResult(graph_module, False)
         gm = graph_module if self.consume else editable_copy(graph_module)
@@ -144,4 +172,17 @@ class FusePass(GraphPass):
         log.info("fused %d parallel stages", len(stages))
         return PassResult(finish(gm), True)
 
-
+    def ensures(self, graph_module: GraphModule) -> None:
+        super().ensures(graph_module)
+        before, after = self.input_blocks(), self.blocks_of(graph_module)
+        if len(after.blocks) != len(before.blocks):
+            raise contract_error(
+                "FusePass", f"the {len(before.blocks)} blocks stay as many", f"{len(after.blocks)} blocks"
+            )
+        parallel = [block.index for block in after.blocks if max(len(block.attention), len(block.mlp)) > 1]
+        unfused = [index for index in parallel if index not in self.skipped]
+        if unfused:
+            raise contract_error(
+                "FusePass", f"only the skipped blocks {sorted(self.skipped)} stay parallel",
+                f"parallel blocks {unfused}",
+            )

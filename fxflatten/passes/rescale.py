@@ -120,7 +120,7 @@ def scale(value: int, ratio: Fraction, what: str) -> int:
 def rescale_constants(gm: GraphModule, nodes: list[Node], sources: set[str], stops: set[str], ratio: Fraction) -> int:
     """Multiply every shape constant on a channel axis of ``nodes`` by ``ratio``; returns how many.
 
-    Call before the weights change (shapes are measured on the graph as it is). ``-1`` and
+    Call it while the weights still match the graph (shapes are measured by running it). ``-1`` and
     symbolic sizes are left alone, as are slice ends past the axis (``INT64_MAX``).
     """
     shapes = concrete_shapes(gm)
