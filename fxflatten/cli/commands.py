@@ -185,10 +185,11 @@ def run_eval(args: argparse.Namespace) -> None:
     block_map = discover_blocks(graph)
     scores = held_out({"model": graph}, sets)["model"]
     print(f"{args.model}: {len(block_map.blocks)} layers, {block_map.total_parameters:,} parameters")
-    print(format_table(["held-out text", "perplexity", "windows", "tokens predicted"],
-                       [[domain, p.value, p.windows, p.tokens] for domain, p in scores.items()]))
+    for domain, result in scores.items():
+        print(f"held-out perplexity on {domain}: {result}")
     if len(scores) > 1:
-        print(f"geometric mean over the domains: {geometric_mean([p.value for p in scores.values()]):.4g}")
+        mean = geometric_mean([result.value for result in scores.values()])
+        print(f"held-out perplexity, geometric mean over the {len(scores)} domains: {mean:.3f}")
     if args.tasks is not None:
         scores = zero_shot(graph, tokenizer, args.tasks or None, limit=args.limit, progress=True)
         print(format_table(
