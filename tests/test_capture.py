@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fxflatten import FxflattenError, capture
+from fxflatten.graph.capture import recapture
+from tests.graphs import EXACT, logits, pipeline
 from tests.models import FAMILIES, build
 
 
@@ -51,3 +53,11 @@ def test_captured_graph_names_parameters_as_the_model_does():
     graph = capture(model)
     targets = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
     assert "model.model.layers.0.self_attn.q_proj.bias" in targets
+
+
+@pytest.mark.parametrize("stage", ["flat", "folded", "fused"])
+def test_every_pass_output_exports_again_with_dynamic_batch_and_length(stage):
+    gm = getattr(pipeline("llama"), stage)
+    again = recapture(gm)
+    for batch, length in [(1, 5), (3, 9)]:
+        torch.testing.assert_close(logits(again, batch, length), logits(gm, batch, length), **EXACT)

@@ -11,9 +11,9 @@ from fxflatten.export import ort, to_onnx
 from fxflatten.export.hf import to_pretrained
 from fxflatten.export.program import save_program
 from tests.checkpoints import byte_tokenizer, tiny_llama
+from tests.graphs import CALIB, ONNX, logits, pipeline, tokens
 from tests.models import Shape, build
 
-CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
 IDS = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(2))
 
 
@@ -141,3 +141,16 @@ def test_default_model_generates_the_same_text_in_onnx_runtime(default_model, tm
     prompt = tokenizer("The capital of France is").input_ids
     got = ort.greedy(ort.session(tmp_path / "model.onnx"), prompt, 12)
     assert got == torch_greedy(model, prompt, 12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_fused_graph_exports_to_onnx_and_runs_in_onnxruntime(family, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fxflatten.export import ort, to_onnx
+
+    fused = pipeline(family).fused
+    session = ort.session(to_onnx(fused, tmp_path / f"{family}.onnx").path)
+    for batch, length in [(2, 11), (3, 6)]:
+        ids, mask = tokens(batch, length)
+        (out,) = session.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), logits(fused, batch, length), **ONNX)

@@ -2,8 +2,8 @@
 
 - The whole chain capture -> flatten -> fold norms -> fuse -> prune (keeping everything) ->
   ONNX export computes what the parallel form of the original model computes. Each pass alone
-  is tested in test_passes.py and test_prune.py; this checks that they compose on any family
-  and shape, through the final exported artifact.
+  is tested in its own file (test_flatten.py, test_fuse.py, test_prune.py, ...); this checks
+  that they compose on any family and shape, through the final exported artifact.
 - Garbage values in a Hugging Face ``config.json`` are refused by the loader with one line that
   names the file, never a traceback or, worse, a model silently built from nonsense.
 """
@@ -25,8 +25,8 @@ from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.prune import PrunePass
 from fxflatten.pipeline import flatten
 from fxflatten.plans import BlockPlan, PruneConfig, units_of
+from tests.graphs import EXACT, ONNX, FuseCase, fuse_cases, logits, run, tokens
 from tests.models import FAMILIES
-from tests.test_passes import EXACT, ONNX, FuseCase, fuse_cases, logits, run, tokens
 
 FEW = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CALIB = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3))
