@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fxflatten.cli import main
 from tests.models import VOCAB, Shape, build
@@ -93,3 +93,37 @@ def test_a_flattened_share_above_the_ratio_is_a_one_line_error_before_loading(tm
     args = ["compress", str(tmp_path / "missing"), "--ratio", "0.2", "--flatten-share", "0.3", "--out", str(tmp_path / "out")]
     assert main(args) == 2
     assert "--flatten-share must be in [0, --ratio 0.2]" in capsys.readouterr().err
+
+
+def test_compress_command_writes_a_checkpoint_and_report(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    source = {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()}
+    args = ["compress", str(tiny_llama_dir), "--ratio", "0.3", "--out", str(out), "--calib", str(tiny_llama_dir / "config.json"),
+            "--samples", "4", "--seq-len", "32", "--eval-text", str(tiny_llama_dir / "config.json"), "--eval-windows", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["format"] == "huggingface" and report["layers"]["after"] < report["layers"]["before"]
+    assert 0 < report["ratio"]["achieved"] <= 0.3
+    assert report["prune"]["config"]["refit_inputs"] is True
+    # Each of compress's steps has its own time and memory, beside loading and evaluating.
+    assert {"load", "capture", "select", "flatten", "prune", "evaluate"} <= report["steps"].keys()
+    assert all(stage["seconds"] > 0 and stage["peak_rss_mib"] > 0 for stage in report["steps"].values())
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == report["layers"]["after"]
+    assert {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()} == source
+    assert main(args) == 2  # the output exists: refused without --force
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_compress_command_with_no_flattened_share_width_prunes_into_a_program(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_llama_dir), "--ratio", "0.3", "--flatten-share", "0", "--no-input-refit", "--out", str(out),
+            "--calib", str(tiny_llama_dir / "config.json"), "--samples", "4", "--seq-len", "32",
+            "--eval-text", str(tiny_llama_dir / "config.json"), "--eval-windows", "2"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["flatten_share"] == 0 and report["groups"] == []
+    assert report["prune"]["config"]["refit_inputs"] is False
+    assert report["layers"]["after"] == report["layers"]["before"]
+    assert report["ratio"]["achieved"] == pytest.approx(0.3, abs=0.03)
+    assert report["format"] == "torch.export" and (out / "model.pt2").is_file()
+    assert "flatten" not in report["steps"]  # nothing to flatten, so the flatten passes do not run
