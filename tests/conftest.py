@@ -1,4 +1,5 @@
-"""Shared fixtures: a per-run model cache, the real default model, and a tiny model directory."""
+"""Shared fixtures: a per-run model cache, the real default model, a tiny model directory, and
+two texts for it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import transformers
 
 from fxflatten.load import load_model
-from tests.checkpoints import byte_tokenizer, tiny_llama
+from tests.checkpoints import byte_tokenizer, tiny_llama, words
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,3 +45,13 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_llama().save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A calibration and an evaluation text that do not overlap (byte tokenizer: 1 char = 1 token)."""
+    root = tmp_path_factory.mktemp("texts")
+    calib, evaluation = root / "calib.txt", root / "eval.txt"
+    calib.write_text(words(1))
+    evaluation.write_text(words(2))
+    return calib, evaluation

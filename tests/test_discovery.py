@@ -1,8 +1,10 @@
 """discover_blocks(): the stream, branches and blocks, found from the graph alone."""
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from fxflatten import FxflattenError, capture, discover_blocks
 from tests.models import FAMILIES, NO_GQA, Shape, build
@@ -97,3 +99,24 @@ def test_discovery_on_random_shapes(family, layers, kv_heads, group, head_dim, h
     heads = kv_heads * group
     shape = Shape(layers, heads, kv_heads, head_dim, heads * hidden_per_head, width)
     check_layout(family, build(family, shape), shape)
+
+
+def test_no_residual_stream_is_refused_with_the_reason():
+    class Stack(nn.Module):
+        """Layers applied one after another, with no x + f(x) anywhere."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(128, 16)
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+            self.head = nn.Linear(16, 128)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = torch.relu(layer(x))
+            return self.head(x)
+
+    with pytest.raises(FxflattenError, match="no residual stream found") as excinfo:
+        discover_blocks(capture(Stack().eval()))
+    assert "\n" not in str(excinfo.value)

