@@ -21,9 +21,10 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
 from benchmarks.baselines.span import closest_span, span_activations
-from fxflatten.graph.discovery import block_boundaries, discover_blocks
+from fxflatten.errors import FxflattenError
+from fxflatten.graph.discovery import block_boundaries
 from fxflatten.graph.params import set_tensor
-from fxflatten.passes.base import GraphPass, editable_copy, finish
+from fxflatten.passes.base import GraphPass, contract_error, editable_copy, finish
 
 aten = torch.ops.aten
 PATCH = "linear_patch.weight"  # holds P - I (see PatchSpanPass.call)
@@ -51,13 +52,23 @@ def fit_patch(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 
 
 class PatchSpanPass(GraphPass):
-    """Remove blocks [start, start + count) and feed ``patch @ stream`` to the blocks after them."""
+    """Remove blocks [start, start + count) and feed ``patch @ stream`` to the blocks after them.
+
+    Requires: the span lies inside the model and leaves a block. Ensures: the model has
+    ``count`` blocks fewer.
+    """
 
     def __init__(self, start: int, count: int, patch: torch.Tensor) -> None:
         self.start, self.count, self.patch = start, count, patch
 
+    def requires(self, graph_module: GraphModule) -> None:
+        super().requires(graph_module)
+        blocks = len(self.record_input(graph_module).blocks)
+        if not (0 <= self.start and self.start + self.count <= blocks and self.count < blocks):
+            raise FxflattenError(f"cannot patch blocks {self.start}..{self.start + self.count - 1} of {blocks}")
+
     def call(self, graph_module: GraphModule) -> PassResult:
-        block_map = discover_blocks(graph_module)
+        block_map = self.blocks_of(graph_module)
         gm = editable_copy(graph_module)
         nodes = {node.name: node for node in gm.graph.nodes}
         boundaries = block_boundaries(gm, block_map)
@@ -73,6 +84,12 @@ class PatchSpanPass(GraphPass):
             patched = gm.graph.call_function(aten.add.Tensor, (before, change))
         after.replace_all_uses_with(patched)
         return PassResult(finish(gm), True)
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        super().ensures(graph_module)
+        before, after = len(self.input_blocks().blocks), len(self.blocks_of(graph_module).blocks)
+        if after != before - self.count:
+            raise contract_error("PatchSpanPass", f"{before - self.count} blocks", f"{after}")
 
 
 def patch_span(graph: GraphModule, windows: torch.Tensor, similarity: torch.Tensor,
