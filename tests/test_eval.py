@@ -118,6 +118,21 @@ def test_a_saved_program_evaluates_like_its_checkpoint(tiny, tiny_dir, tmp_path,
     assert outputs[0] == outputs[1] and outputs[0].startswith("held-out perplexity")
 
 
+def test_eval_command_reports_every_held_out_domain_and_their_geometric_mean(tiny_dir, capsys):
+    assert main(["eval", str(tiny_dir), "--seq-len", "64", "--windows", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    values = {}
+    for line in lines:
+        if line.startswith("held-out perplexity on "):
+            domain, rest = line.removeprefix("held-out perplexity on ").split(": ", 1)
+            values[domain] = float(rest.split()[0])
+            assert "2 windows of 64 tokens, 126 predicted" in rest
+    assert list(values) == ["britannica", "plays", "python-docs"]
+    mean = float(lines[-1].rsplit(": ", 1)[1])
+    assert lines[-1].startswith("held-out perplexity, geometric mean over the 3 domains")
+    assert mean == pytest.approx((values["britannica"] * values["plays"] * values["python-docs"]) ** (1 / 3), rel=1e-3)
+
+
 def test_tasks_without_lm_eval_is_a_one_line_error_naming_the_extra(tiny_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     assert main(["eval", str(tiny_dir), "--seq-len", "64", "--windows", "2", "--tasks"]) == 2

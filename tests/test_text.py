@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxflatten.errors import FxflattenError
-from fxflatten.text import CorpusSplit, default_text, load_text, shared_passages, token_windows, warn_if_overlapping
+from fxflatten.text import (DOMAINS, CorpusSplit, default_text, evaluation_domains, evaluation_sets, load_text, shared_passages,
+                            token_windows, warn_if_overlapping)
 from tests.checkpoints import byte_tokenizer, words
 
 TOKENIZER = byte_tokenizer()
@@ -61,6 +62,28 @@ def test_default_text_has_enough_tokens_for_calibration_and_evaluation(default_m
     assert token_windows(tokenizer, split.calibration, 128, 512).shape == (128, 512)
     assert token_windows(tokenizer, split.evaluation, None, 512).numel() >= 16_000
 
+
+
+def test_no_evaluation_domain_shares_a_passage_with_the_calibration_text():
+    domains = evaluation_domains()
+    assert list(domains) == list(DOMAINS) and domains["britannica"] == default_text().evaluation
+    for name, text in domains.items():
+        assert len(text) > 50_000, name
+        assert shared_passages(default_text().calibration, text) == 0, name
+
+
+def test_evaluation_sets_give_every_domain_as_many_windows_as_the_default_text():
+    sets = evaluation_sets(TOKENIZER, None, None, 4096)
+    assert list(sets) == list(DOMAINS)
+    assert {tuple(windows.shape) for windows in sets.values()} == {(len(default_text().evaluation.encode()) // 4096, 4096)}
+    assert len({windows[0, :64].tolist().__str__() for windows in sets.values()}) == 3  # three different texts
+
+
+def test_a_users_evaluation_text_is_scored_alone(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text(words(3))
+    sets = evaluation_sets(TOKENIZER, path, 2, 16)
+    assert list(sets) == ["text"] and sets["text"].shape == (2, 16)
 
 # --- User text files ----------------------------------------------------------------------
 
