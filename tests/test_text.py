@@ -6,8 +6,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fxflatten.errors import FxflattenError
-from fxflatten.text import (DOMAINS, CorpusSplit, default_text, evaluation_domains, evaluation_sets, load_text, shared_passages,
-                            token_windows, warn_if_overlapping)
+from fxflatten.text import (
+    DOMAINS,
+    CorpusSplit,
+    default_text,
+    evaluation_domains,
+    evaluation_sets,
+    load_text,
+    shared_passages,
+    token_windows,
+    warn_if_overlapping,
+)
 from tests.checkpoints import byte_tokenizer, words
 
 TOKENIZER = byte_tokenizer()
