@@ -12,28 +12,28 @@ Block by block, on calibration activations that flowed through the blocks alread
 The refit target is the widened block's own output (``target="widened"``, the paper), what
 the original, unflattened blocks compute in series on the same input (``target="serial"``),
 which also absorbs the flattening error, or (the default, ``target="trajectory"``) what the
-original model computes at that depth on its own stream, which also pulls back the error the
-earlier compressed blocks left.
+original model computes at that depth on its own stream, which also pulls back the error left
+by the compressed blocks that feed it.
 
 With a serial or trajectory target the input side of a merged block is refitted too
-(``refit_inputs``): in the parallel form the second block of a pair reads the stream from
-before the first block instead of after it. Before each stage is pruned, each original block's
-rows of q/k/v (then gate/up) are refitted by ridge least squares so that, on the compressed
-stream, they compute what they compute on that block's own stream in the target; the attention
-and MLP nonlinearities then see inputs closer to the original's, which no output refit can give
-them. Keeping every head and channel with the widened target changes nothing. Any block can be
-pruned, widened or not, so this is also a plain width-pruning pass.
+(``refit_inputs``): in the parallel form the second block of a pair reads the stream entering
+the first block instead of the one the first block leaves. Ahead of pruning each stage, each
+original block's rows of q/k/v (then gate/up) are refitted by ridge least squares so that, on
+the compressed stream, they compute what they compute on that block's own stream in the
+target; the attention and MLP nonlinearities then see inputs closer to the original's, which
+no output refit can give them. Keeping every head and channel with the widened target changes
+nothing. Any block can be pruned, widened or not, so this is also a plain width-pruning pass.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import networkx as nx
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
@@ -51,14 +51,82 @@ from fxflatten.plans import BlockPlan, PruneConfig
 from fxflatten.run.runner import SegmentRunner, batches_of, segments
 from fxflatten.run.spill import Spill, SpilledStream, release_free_memory
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class PruneReport:
-    """Per block: what was kept, and any ridge that had to grow."""
+    """Per block: what it keeps, and any ridge that had to grow."""
 
     blocks: dict[int, dict[str, object]] = field(default_factory=dict)
+
+
+@dataclass
+class BlockStep:
+    """One block being pruned: the graph, the compressed stream entering the block, its plan and targets.
+
+    ``rest`` is what is still to run of the block on each batch's stored stream: the whole
+    segment, or only its MLP side once the pruned attention has handed off its stream.
+    """
+
+    gm: GraphModule
+    nodes: dict[str, Node]
+    runner: SegmentRunner
+    stream: SpilledStream
+    dag: nx.DiGraph
+    config: PruneConfig
+    block: Block
+    plan: BlockPlan
+    segment: list[Node]  # the block's nodes, from the stream entering it to the stream it leaves
+    attention: list[Node]  # the segment's nodes up to the attention's residual add
+    stream_in: str
+    stream_out: str
+    reference: Reference | None
+    refit_inputs: bool  # refit q/k/v and gate/up toward the origin blocks' own inputs
+    targets: Reference | None = None  # the reference, once it ran this block's origin
+    rest: list[Node] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rest = self.segment
+
+    @property
+    def pruned(self) -> bool:
+        return self.plan.kv_heads is not None or self.plan.width is not None
+
+    def target(self, index: int, key: str) -> torch.Tensor | None:
+        """Batch ``index``'s refit target ``key``, or None where the target is the block's own output."""
+        return None if self.targets is None else self.targets.target(index, key)
+
+    def scratch_batches(self) -> Iterator[tuple[int, dict[str, object]]]:
+        """Each batch's index and a scratch copy of its stored values, emptied once the caller moves on.
+
+        Statistics run on the copy, so that between batches only the stream entering the block
+        is held, never the block's insides.
+        """
+        for index, env in self.stream.batches():
+            scratch = dict(env)
+            yield index, scratch
+            scratch.clear()
+
+    def hand_off_attention(self) -> None:
+        """Store the stream the pruned attention leaves in place of the block's input, if nothing else reads it.
+
+        The MLP's input refit, its statistics and the final run all start from that stream: the
+        attention then runs once more here instead of once in each of them.
+        """
+        add = self.block.attention[-1].add
+        if not hands_off(self.runner, self.segment, self.attention, add, self.stream_in, self.block.index + 1):
+            return
+        for index, env in self.stream.batches():
+            self.runner.run_nodes(self.attention, env, {})
+            self.stream.store(index, env, add)
+        handed = {node.name for node in self.attention}
+        self.rest = [node for node in self.segment if node.name not in handed]
+
+    def run_rest(self) -> None:
+        """Run what is left of the block on each batch and store the stream it leaves for the next block."""
+        for index, env in self.stream.batches():
+            self.runner.run_nodes(self.rest, env, {})
+            self.runner.drop(self.block.index + 1, env)
+            self.stream.store(index, env, self.stream_out)
 
 
 class PrunePass(GraphPass):
@@ -70,8 +138,8 @@ class PrunePass(GraphPass):
 
         For a caller that made the input and will not use it again (``compress`` and its
         widened graph): each widened block's weights are then freed as soon as the block is
-        pruned, instead of all of them staying alive with the input until the pass ends
-        (190 MiB on the default model at ``--ratio 0.2``).
+        pruned, instead of all of them staying alive with the input until the pass ends (what
+        that saves at the peak: benchmarks/results/NOTES.md).
         """
         self.consume = consume
         self.windows = windows
@@ -81,190 +149,246 @@ class PrunePass(GraphPass):
         self.progress = progress
         self.report = PruneReport()
 
+    def requires(self, graph_module: GraphModule) -> None:
+        """One plan per block, a reference graph where the target needs one, and every block to
+        prune fused to one attention and one MLP branch with planned widths it can be pruned to."""
+        super().requires(graph_module)
+        blocks = discover_blocks(graph_module).blocks
+        if len(self.plans) != len(blocks):
+            raise FxflattenError(f"{len(self.plans)} block plans for a graph of {len(blocks)} blocks: "
+                                 "give one BlockPlan per block (BlockPlan(None, None) leaves a block as it is)")
+        if self.config.target != "widened" and self.reference is None:
+            raise FxflattenError(f"target={self.config.target!r} needs the reference (original) graph: "
+                                 "pass reference=, or prune with target='widened'")
+        for block, plan in zip(blocks, self.plans):
+            if plan.kv_heads is not None or plan.width is not None:
+                check_prunable(block, plan, self.refits_inputs(plan))
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        """The pruned graph runs, and each block has its planned KV heads and MLP width."""
+        super().ensures(graph_module)
+        blocks = discover_blocks(graph_module).blocks
+        if len(blocks) != len(self.plans):
+            raise FxflattenError(f"PrunePass left {len(blocks)} blocks of {len(self.plans)}: "
+                                 "a bug in the pass, report it with the block plans")
+        for block, plan in zip(blocks, self.plans):
+            kv_heads = None if plan.kv_heads is None else block.attention[0].attention.num_kv_heads
+            width = None if plan.width is None else block.mlp[0].mlp.width
+            if (kv_heads, width) != (plan.kv_heads, plan.width):
+                raise FxflattenError(f"PrunePass left block {block.index} with (KV heads, MLP width) "
+                                     f"({kv_heads}, {width}) instead of the planned ({plan.kv_heads}, {plan.width}): "
+                                     "a bug in the pass, report it with the block plans")
+
+    def refits_inputs(self, plan: BlockPlan) -> bool:
+        """Whether the block's input projections are refitted toward its origin blocks' own inputs."""
+        # Only a merged block reads, by construction, a stream other than its originals'. Refitting
+        # single blocks toward the drift left by the blocks feeding them made the default model
+        # worse ("Refitting only the merged blocks matters", benchmarks/results/NOTES.md).
+        return self.config.refit_inputs and self.config.target != "widened" and len(plan.origin) > 1
+
     @torch.no_grad()
     def call(self, graph_module: GraphModule) -> PassResult:
-        block_map = discover_blocks(graph_module)
-        if len(self.plans) != len(block_map.blocks):
-            raise FxflattenError(f"{len(self.plans)} block plans for a graph of {len(block_map.blocks)} blocks")
-        if self.config.target != "widened" and self.reference is None:
-            raise FxflattenError(f"target={self.config.target!r} needs the reference (original) graph")
+        """Per block, in order, on the stream the blocks already pruned leave: targets, (input
+        refit and) pruning of the attention, then of the MLP, then the rest of the block."""
         gm = graph_module if self.consume else editable_copy(graph_module)
+        with Spill() as spill:
+            for step in self.block_steps(gm, spill):
+                if step.pruned:
+                    self.run_reference(step)
+                    release_free_memory()  # each step frees what the last one built: give it back
+                    if step.refit_inputs:
+                        self.refit_inputs(step, step.attention, step.block.attention[0])
+                    self.prune_attention(step)
+                    release_free_memory()
+                    step.hand_off_attention()
+                    if step.refit_inputs:
+                        self.refit_inputs(step, step.rest, step.block.mlp[0])
+                    self.prune_mlp(step)
+                    release_free_memory()
+                step.run_rest()
+        return PassResult(finish(gm), True)
+
+    def block_steps(self, gm: GraphModule, spill: Spill) -> Iterator[BlockStep]:
+        """Each block of ``gm`` with its plan, in order, the compressed stream entering it stored in ``spill``."""
         block_map = discover_blocks(gm)
-        nodes = {node.name: node for node in gm.graph.nodes}
         parts = segments(gm, block_map)
         runner = SegmentRunner(gm, parts)
         batches = batches_of(self.windows, self.config.batch_size)
         boundaries = block_boundaries(gm, block_map)
+        nodes = {node.name: node for node in gm.graph.nodes}
         dag = to_digraph(gm)
-        with Spill() as spill:
-            stream = SpilledStream(spill, runner, batches, boundaries[0])
-            reference = None
-            if self.config.target != "widened":
-                reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory")
-            blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
-            for block, plan in zip(blocks, self.plans):
-                part = parts[block.index + 1]
-                before_mlp = nx.ancestors(dag, block.attention[-1].add) | {block.attention[-1].add}
-                attention_nodes = [node for node in part.nodes if node.name in before_mlp]
-                rest = part.nodes  # what is still to run of the block on each batch's stored stream
-                targets = None
-                pruned = plan.kv_heads is not None or plan.width is not None
-                # Only a merged block reads a stream other than its original's by construction;
-                # refitting single blocks toward the drift the blocks before them left made
-                # the default model worse (1.43x -> 1.63x dense perplexity at --ratio 0.2).
-                inputs = self.config.refit_inputs and reference is not None and len(plan.origin) > 1
-                if reference and plan.origin and pruned:
-                    pristine = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None for p in self.plans[:block.index])
-                    reference.run(plan.origin, stream, pristine, inputs)
-                    targets = reference
-                # Statistics passes run on a scratch copy of each batch's values, so that between
-                # batches only the stream entering the block is held, never the block's insides.
-                # Each step frees what the one before it built: give that back before it starts.
-                if pruned:
-                    release_free_memory()
-                    if inputs:
-                        attention = single(block.attention, "attention")
-                        layout = attention.attention
-                        self.refit_inputs(gm, nodes, attention, [layout.q, layout.k, layout.v], stream, runner,
-                                          attention_nodes, dag, targets, len(plan.origin), "attention-in")
-                    self.prune_attention(gm, nodes, block, plan, stream, runner, attention_nodes, targets)
-                    release_free_memory()
-                    add = block.attention[-1].add
-                    if hands_off(runner, part.nodes, attention_nodes, add, boundaries[block.index], block.index + 1):
-                        # The MLP's refit, its statistics and the final run all start from the
-                        # stream after the (now pruned) attention: run the attention once and store
-                        # that stream instead of the block's input, not three times.
-                        for index, env in stream.batches():
-                            runner.run_nodes(attention_nodes, env, {})
-                            stream.store(index, env, add)
-                        rest = [node for node in part.nodes if node.name not in before_mlp]
-                    if inputs:
-                        mlp = single(block.mlp, "MLP")
-                        projections = [p for p in (mlp.mlp.gate, mlp.mlp.up) if p is not None]
-                        self.refit_inputs(gm, nodes, mlp, projections, stream, runner, rest, dag, targets, len(plan.origin),
-                                          "mlp-in")
-                    self.prune_mlp(gm, nodes, block, plan, stream, runner, rest, targets)
-                    release_free_memory()
-                for index, env in stream.batches():
-                    runner.run_nodes(rest, env, {})
-                    runner.drop(block.index + 1, env)
-                    stream.store(index, env, boundaries[block.index + 1])
-        return PassResult(finish(gm), True)
+        stream = SpilledStream(spill, runner, batches, boundaries[0])
+        reference = None
+        if self.config.target != "widened":
+            reference = Reference(self.reference, batches, spill, trajectory=self.config.target == "trajectory")
+        blocks = tqdm(block_map.blocks, desc="prune", disable=not self.progress, leave=False)
+        for block, plan in zip(blocks, self.plans):
+            segment = parts[block.index + 1].nodes
+            add = block.attention[-1].add
+            before_mlp = nx.ancestors(dag, add) | {add}
+            yield BlockStep(gm=gm, nodes=nodes, runner=runner, stream=stream, dag=dag, config=self.config, block=block,
+                            plan=plan, segment=segment, attention=[node for node in segment if node.name in before_mlp],
+                            stream_in=boundaries[block.index], stream_out=boundaries[block.index + 1],
+                            reference=reference, refit_inputs=self.refits_inputs(plan))
 
-    def refit_inputs(self, gm, nodes, branch: Branch, projections: list[Projection], stream, runner, part_nodes, dag,
-                     targets: "Reference", count: int, key: str) -> None:
+    def run_reference(self, step: BlockStep) -> None:
+        """Run the original blocks the block replaces on its input: their outputs become its targets.
+
+        A block with no origin, or with the widened target, keeps its own full-width output as target.
+        """
+        if step.reference is None or not step.plan.origin:
+            return
+        untouched = all(len(p.origin) == 1 and p.kv_heads is None and p.width is None
+                        for p in self.plans[:step.block.index])
+        step.reference.run(step.plan.origin, step.stream, untouched, step.refit_inputs)
+        step.targets = step.reference
+
+    def refit_inputs(self, step: BlockStep, nodes: list[Node], branch: Branch) -> None:
         """Refit the branch's input projections so that what they compute on the compressed stream
         matches what they would compute on the target streams.
 
-        A fused branch holds one chunk of rows per original block (``count`` of them); chunk j's
-        target input is the branch's own normalisation applied to original block j's stream (from
-        the reference).
-        Each chunk's rows become ``W B_j^T``, with ``B_j`` the ridge least-squares map from the
-        compressed inputs to the target inputs, fitted once per distinct input (q, k and v
-        usually read one normalised stream).
+        ``nodes`` compute the branch's input from the stream stored for the block. A fused branch
+        holds one chunk of rows per original block; chunk j's target input is the branch's own
+        normalisation applied to original block j's stream (from the reference). Each chunk's
+        rows become ``W B_j^T``, with ``B_j`` the ridge least-squares map from the compressed
+        inputs to the target inputs, fitted once per distinct input (q, k and v usually read one
+        normalised stream).
         """
+        count = len(step.plan.origin)
         by_input: dict[str, list[Projection]] = {}
-        for projection in projections:
-            by_input.setdefault(linear_input(nodes[projection.linear.node], projection.linear).name, []).append(projection)
+        for projection in input_projections(branch):
+            by_input.setdefault(linear_input(step.nodes[projection.linear.node], projection.linear).name, []).append(projection)
         for name, group in by_input.items():
-            maps = self.input_maps(nodes[name], branch, stream, runner, part_nodes, dag, targets, count, key)
+            maps = self.input_maps(step.nodes[name], branch, step, nodes)
             for projection in group:
-                stored = weight(gm, projection.linear)
+                stored = weight(step.gm, projection.linear)
                 w = stored.float().clone()  # refitted in float32 whatever the weights are stored in
                 chunk = projection.features // count
                 for j, solution in enumerate(maps):
                     rows = slice(projection.start + j * chunk, projection.start + (j + 1) * chunk)
                     w[rows] = w[rows] @ solution.T
-                set_weight(gm, projection.linear, w.to(stored.dtype))
+                set_weight(step.gm, projection.linear, w.to(stored.dtype))
 
-    def input_maps(self, x_node, branch: Branch, stream, runner, part_nodes, dag, targets: "Reference", count: int,
-                   key: str) -> list[torch.Tensor]:
+    def input_maps(self, x_node: Node, branch: Branch, step: BlockStep, nodes: list[Node]) -> list[torch.Tensor]:
         """Per origin block j, the ridge map ``B_j`` from ``x_node`` on the compressed stream to
         ``x_node`` computed from block j's own stream in the target."""
-        ancestors = nx.ancestors(dag, x_node.name) | {x_node.name}
-        compute = [node for node in part_nodes if node.name in ancestors]
-        between = nx.descendants(dag, branch.stream_in)
+        key = f"{branch.kind}-in"
+        ancestors = nx.ancestors(step.dag, x_node.name) | {x_node.name}
+        compute = [node for node in nodes if node.name in ancestors]
+        between = nx.descendants(step.dag, branch.stream_in)
         normalise = [node for node in compute if node.name in between]
-        gram, crosses = None, [None] * count
-        for index, env in stream.batches():
-            seen = {}
-            runner.run_nodes(compute, dict(env), {x_node.name: lambda node, value: seen.update(x=value.flatten(0, -2).float())})
-            x = seen["x"]
+        gram, crosses = None, [None] * len(step.plan.origin)
+        for index, env in step.stream.batches():
+            x = observed(step.runner, compute, env, x_node.name)
             gram = add_gram(gram, x)
-            for j in range(count):
-                scratch = dict(env)
-                scratch[branch.stream_in] = targets.target(index, f"{key}-{j}")
-                runner.run_nodes(normalise, scratch, {x_node.name: lambda node, value: seen.update(t=value.flatten(0, -2).float())})
-                crosses[j] = accumulate(crosses[j], x.T @ seen["t"])
+            for j in range(len(crosses)):
+                origin_input = {branch.stream_in: step.targets.target(index, f"{key}-{j}")}
+                t = observed(step.runner, normalise, env, x_node.name, origin_input)
+                crosses[j] = accumulate(crosses[j], x.T @ t)
         check_finite(gram, f"{key} statistics")
-        return [ridge_solve(gram, cross, self.config.fit_ridge)[0].float() for cross in crosses]
+        return [ridge_solve(gram, cross, step.config.fit_ridge)[0].float() for cross in crosses]
 
-    def prune_attention(self, gm, nodes, block: Block, plan: BlockPlan, stream, runner, part_nodes, targets) -> None:
-        branch = single(block.attention, "attention")
-        layout = branch.attention
-        if plan.kv_heads is None or plan.kv_heads == layout.num_kv_heads:
+    def prune_attention(self, step: BlockStep) -> None:
+        """Keep the planned number of whole KV groups and refit the output projection over them."""
+        branch = step.block.attention[0]
+        layout, kv_heads = branch.attention, step.plan.kv_heads
+        if kv_heads is None or kv_heads == layout.num_kv_heads:
             return
-        if not 0 < plan.kv_heads < layout.num_kv_heads:
-            raise FxflattenError(f"block {block.index}: cannot prune {layout.num_kv_heads} KV heads to {plan.kv_heads}")
-        config = self.config
+        config = step.config
         moments = Moments(with_bias=layout.o.bias is not None)
-        x_node = linear_input(nodes[layout.o.node], layout.o)
-        for index, env in stream.batches():
-            target = None if targets is None else targets.target(index, "attention")
-            runner.run_nodes(part_nodes, dict(env), {x_node.name: lambda node, value: moments.add(value, target)})
-        moments.check(f"block {block.index}: attention statistics")
-        w = weight(gm, layout.o)
-        moments.default_target(gm, layout.o)
+        x_node = linear_input(step.nodes[layout.o.node], layout.o)
+        for index, scratch in step.scratch_batches():
+            target = step.target(index, "attention")
+            step.runner.run_nodes(step.attention, scratch,
+                                  {x_node.name: lambda node, value, target=target: moments.add(value, target)})
+        moments.check(f"block {step.block.index}: attention statistics")
+        w = weight(step.gm, layout.o)
+        moments.default_target(step.gm, layout.o)
         groups = head_groups(layout, layout.num_kv_heads)
         if config.head_score == "energy":
             energy = group_energy(moments.gram, w, groups)
-            keep_groups = sorted(torch.topk(energy, plan.kv_heads).indices.tolist())
+            keep_groups = sorted(torch.topk(energy, kv_heads).indices.tolist())
         else:
             always = torch.tensor([w.shape[1]]) if moments.with_bias else None
-            keep_groups = greedy_groups_by_error(moments.gram, moments.cross, groups, plan.kv_heads, config.fit_ridge, always)
+            keep_groups = greedy_groups_by_error(moments.gram, moments.cross, groups, kv_heads, config.fit_ridge, always)
         keep_columns = torch.cat([groups[g] for g in keep_groups])
         head_dim = layout.head_dim
         keep_kv = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in keep_groups])
-        members = [nodes[name] for name in branch.nodes]
-        sources = {p.linear.node for p in (layout.q, layout.k, layout.v)}
-        rescale_constants(gm, members, sources, {layout.o.node}, Fraction(plan.kv_heads, layout.num_kv_heads))
-        slice_inputs(gm, [layout.q, layout.k, layout.v], [keep_columns, keep_kv, keep_kv])
-        ridge = refit_output(gm, layout.o, keep_columns, moments, config.fit_ridge, config.refit_attention)
-        self.report.blocks.setdefault(block.index, {}).update(kv_groups_kept=keep_groups, attention_ridge=ridge)
+        members = [step.nodes[name] for name in branch.nodes]
+        projections = input_projections(branch)
+        sources = {p.linear.node for p in projections}
+        rescale_constants(step.gm, members, sources, {layout.o.node}, Fraction(kv_heads, layout.num_kv_heads))
+        slice_inputs(step.gm, projections, [keep_columns, keep_kv, keep_kv])
+        ridge = refit_output(step.gm, layout.o, keep_columns, moments, config.fit_ridge, config.refit_attention)
+        self.report.blocks.setdefault(step.block.index, {}).update(kv_groups_kept=keep_groups, attention_ridge=ridge)
 
-    def prune_mlp(self, gm, nodes, block: Block, plan: BlockPlan, stream, runner, part_nodes, targets) -> None:
-        branch = single(block.mlp, "MLP")
-        layout = branch.mlp
-        if plan.width is None or plan.width == layout.width:
+    def prune_mlp(self, step: BlockStep) -> None:
+        """Keep the planned number of MLP channels and refit the down projection on them."""
+        branch = step.block.mlp[0]
+        layout, width = branch.mlp, step.plan.width
+        if width is None or width == layout.width:
             return
-        if not 0 < plan.width < layout.width:
-            raise FxflattenError(f"block {block.index}: cannot prune an MLP of width {layout.width} to {plan.width}")
-        config = self.config
+        config = step.config
         moments = Moments(with_bias=layout.down.bias is not None)
-        x_node = linear_input(nodes[layout.down.node], layout.down)
-        stream_in = branch.stream_in
-        for index, env in stream.batches():
-            scratch = dict(env)
-            target = None if targets is None else targets.target(index, "stream")
+        x_node = linear_input(step.nodes[layout.down.node], layout.down)
+        for index, scratch in step.scratch_batches():
+            target = step.target(index, "stream")
 
-            def observe(node, value):
-                moments.add(value, None if target is None else target - scratch[stream_in])
-            runner.run_nodes(part_nodes, scratch, {x_node.name: observe})
-        moments.check(f"block {block.index}: MLP statistics")
-        moments.default_target(gm, layout.down)
+            def observe(node, value, target=target, scratch=scratch):
+                # The branch's target is what the stream gains across it.
+                moments.add(value, None if target is None else target - scratch[branch.stream_in])
+            step.runner.run_nodes(step.rest, scratch, {x_node.name: observe})
+        moments.check(f"block {step.block.index}: MLP statistics")
+        moments.default_target(step.gm, layout.down)
         channels = layout.width
         if config.channel_score == "leverage":
             leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
-            keep = torch.topk(leverage, plan.width).indices.sort().values
+            keep = torch.topk(leverage, width).indices.sort().values
         else:
             always = torch.tensor([channels]) if moments.with_bias else None
-            keep = prune_by_error(moments.gram, moments.cross, plan.width, config.fit_ridge, always=always)
-        members = [nodes[name] for name in branch.nodes]
-        projections = [p for p in (layout.gate, layout.up) if p is not None]
-        rescale_constants(gm, members, {p.linear.node for p in projections}, {layout.down.node}, Fraction(plan.width, channels))
-        slice_inputs(gm, projections, [keep] * len(projections))
-        ridge = refit_output(gm, layout.down, keep, moments, config.fit_ridge, config.refit_mlp)
-        self.report.blocks.setdefault(block.index, {}).update(mlp_channels_kept=int(plan.width), mlp_ridge=ridge)
+            keep = prune_by_error(moments.gram, moments.cross, width, config.fit_ridge, always=always)
+        members = [step.nodes[name] for name in branch.nodes]
+        projections = input_projections(branch)
+        rescale_constants(step.gm, members, {p.linear.node for p in projections}, {layout.down.node},
+                          Fraction(width, channels))
+        slice_inputs(step.gm, projections, [keep] * len(projections))
+        ridge = refit_output(step.gm, layout.down, keep, moments, config.fit_ridge, config.refit_mlp)
+        self.report.blocks.setdefault(step.block.index, {}).update(mlp_channels_kept=int(width), mlp_ridge=ridge)
+
+
+def check_prunable(block: Block, plan: BlockPlan, refits_inputs: bool) -> None:
+    """Stop with an error naming the block unless ``plan`` can prune it."""
+    for stage, what in ((block.attention, "attention"), (block.mlp, "MLP")):
+        if len(stage) != 1:
+            raise FxflattenError(f"block {block.index} has {len(stage)} {what} branches and pruning needs one: "
+                                 "fuse its parallel branches (FusePass) first, or plan it as BlockPlan(None, None)")
+    attention, mlp = block.attention[0].attention, block.mlp[0].mlp
+    if attention is None and (plan.kv_heads is not None or refits_inputs):
+        raise FxflattenError(f"block {block.index}: its attention has no q/k/v/o layout to prune or refit "
+                             "(a hand-written softmax): plan its kv_heads as None and keep it out of merged groups")
+    if plan.kv_heads is not None and not 0 < plan.kv_heads <= attention.num_kv_heads:
+        raise FxflattenError(f"block {block.index}: cannot prune {attention.num_kv_heads} KV heads to {plan.kv_heads}: "
+                             f"plan between 1 and {attention.num_kv_heads}")
+    if plan.width is not None and not 0 < plan.width <= mlp.width:
+        raise FxflattenError(f"block {block.index}: cannot prune an MLP of width {mlp.width} to {plan.width}: "
+                             f"plan between 1 and {mlp.width}")
+
+
+def input_projections(branch: Branch) -> list[Projection]:
+    """The projections that read the branch's input: q, k, v, or the MLP's gate (if any) and up."""
+    if branch.attention is not None:
+        return [branch.attention.q, branch.attention.k, branch.attention.v]
+    return [p for p in (branch.mlp.gate, branch.mlp.up) if p is not None]
+
+
+def observed(runner: SegmentRunner, nodes: list[Node], env: dict[str, object], name: str,
+             replace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """What node ``name`` computes, one float32 row per token, when ``nodes`` run on a scratch copy
+    of a batch's values ``env`` (with ``replace`` swapped in); ``env`` keeps only what it held."""
+    seen = {}
+    scratch = {**env, **(replace or {})}
+    runner.run_nodes(nodes, scratch, {name: lambda node, value: seen.update(value=value.flatten(0, -2).float())})
+    return seen["value"]
 
 
 def hands_off(runner: SegmentRunner, part_nodes, attention_nodes, add: str, stream_in: str, position: int) -> bool:
@@ -278,9 +402,3 @@ def hands_off(runner: SegmentRunner, part_nodes, attention_nodes, add: str, stre
     mlp_reads = {source.name for node in part_nodes if node.name not in inside for source in node.all_input_nodes}
     read_later = {name for name in inside if runner.last_use.get(name, -1) > position}
     return (mlp_reads | read_later) & inside == {add}
-
-
-def single(stage: tuple[Branch, ...], what: str) -> Branch:
-    if len(stage) != 1:
-        raise FxflattenError(f"a block still has {len(stage)} parallel {what} branches: fuse before pruning")
-    return stage[0]

@@ -2,9 +2,9 @@
 
 Pruning refits each compressed block toward what the original model computes: either the
 original blocks run in series on the compressed block's own input (``serial``), or the original
-model on its own stream at that depth (``trajectory``), which also pulls back the error the
-earlier compressed blocks left. Its streams and targets are spilled to disk, one batch in memory
-at a time.
+model on its own stream at that depth (``trajectory``), which also pulls back the error left
+by the compressed blocks that feed it. Its streams and targets are spilled to disk, one batch in
+memory at a time.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ class Reference:
     the input the compressed block receives; the sum of their attention outputs and the stream
     they leave are the targets. With ``trajectory`` the original model instead runs on its own
     stream, so the targets are what the original model computes at that depth, and a refit
-    also pulls back the error the earlier compressed blocks left. It keeps its own per-batch
-    environments with the side inputs (masks, rotary tables) its prologue computed; its stream
-    and the targets live in ``spill``, on disk, one batch in memory at a time.
+    also pulls back the error left by the compressed blocks that feed it. It keeps its own
+    per-batch environments with the side inputs (masks, rotary tables) its prologue computed;
+    its stream and the targets live in ``spill``, on disk, one batch in memory at a time.
     """
 
     def __init__(self, graph: GraphModule, batches: list[tuple[torch.Tensor, torch.Tensor]], spill: Spill,
@@ -58,10 +58,10 @@ class Reference:
             inputs: bool = False) -> None:
         """Run original blocks ``origin`` in series on each batch's stream ``streams``.
 
-        ``pristine`` says no block before ``origin`` was changed, so ``streams`` is also the
-        original model's own stream there: a trajectory starts from it instead of running the
-        original blocks before it a second time. ``inputs`` also spills the streams entering
-        each origin block's attention and MLP, for input refits.
+        ``pristine`` says every block ahead of ``origin`` is unchanged, so ``streams`` is also
+        the original model's own stream there: a trajectory starts from it instead of running
+        the original blocks ahead of it a second time. ``inputs`` also spills the streams
+        entering each origin block's attention and MLP, for input refits.
         """
         if self.trajectory:
             seed = None

@@ -32,7 +32,7 @@ class Moments:
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         # Products in float32; the cross term (small) is summed over batches in float64, the
-        # Gram matrix (the widened MLP's is 36 MiB on the default model) in place in float32.
+        # Gram matrix (a widened MLP's is the largest tensor of the statistics) in place in float32.
         x = x.flatten(0, -2).float()
         if self.with_bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
