@@ -14,6 +14,7 @@ from fxflatten import FxflattenError, capture, discover_blocks
 from fxflatten.graph.discovery import block_boundaries
 from fxflatten.graph.fx import to_digraph
 from fxflatten.graph.params import get_tensor, weight
+from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.reference import Reference
 from fxflatten.passes.refit import Moments
@@ -320,3 +321,40 @@ def test_input_refit_fits_each_distinct_input_of_the_projections(monkeypatch):
     refitted = PrunePass(CALIB, plans, config, reference=graph)(flat).graph_module
     assert [kind for kind, _ in fits] == ["attention", "attention", "mlp"] and copy.name in {name for _, name in fits}
     torch.testing.assert_close(logits(refitted), logits(expected), rtol=1e-5, atol=1e-5)
+
+
+# -- the pass's contract ------------------------------------------------------------------------
+
+def test_pruning_needs_one_plan_per_block():
+    graph = capture(build("llama", Shape(layers=2)))
+    with pytest.raises(FxflattenError, match="1 block plans for a graph of 2 blocks"):
+        PrunePass(CALIB, [BlockPlan(None, None, ())], PruneConfig(target="widened"))(graph)
+
+
+def test_pruning_refuses_a_parallel_block_ahead_of_any_calibration_run(monkeypatch):
+    graph = capture(build("llama", Shape(layers=3)))
+    parallel = FlattenPass([[0, 1]])(graph).graph_module  # the parallel form, not fused
+    plans = [BlockPlan(2, 48, (0, 1)), BlockPlan(None, None, (2,))]
+    calls = []
+    monkeypatch.setattr(PrunePass, "call", lambda self, graph_module: calls.append(graph_module))
+    with pytest.raises(FxflattenError, match=r"block 0 has 2 attention branches .*FusePass"):
+        PrunePass(CALIB, plans, PruneConfig(target="widened"))(parallel)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kv_heads, width, what", [(0, 24, "KV heads"), (3, 24, "KV heads"),
+                                                  (1, 0, "MLP of width"), (1, 49, "MLP of width")])
+def test_pruning_refuses_widths_outside_zero_to_the_current_width(kv_heads, width, what):
+    graph = capture(build("llama", Shape(layers=2, heads=4, kv_heads=2, width=48)))
+    plans = [BlockPlan(kv_heads, width, ()), BlockPlan(None, None, ())]
+    with pytest.raises(FxflattenError, match=f"block 0: cannot prune .*{what}.*plan between 1 and"):
+        PrunePass(CALIB, plans, PruneConfig(target="widened"))(graph)
+
+
+def test_prune_ensures_every_block_has_its_planned_widths(monkeypatch):
+    graph = capture(build("llama", Shape(layers=2, heads=4, kv_heads=2, width=48)))
+    plans = [BlockPlan(1, 24, ()), BlockPlan(None, None, ())]
+    monkeypatch.setattr(PrunePass, "prune_mlp", lambda self, step: None)  # a broken pass: the MLP stays wide
+    with pytest.raises(FxflattenError, match=r"left block 0 with \(KV heads, MLP width\) \(1, 48\) instead of the planned \(1, 24\)"):
+        PrunePass(CALIB, plans, PruneConfig(target="widened"))(graph)
+

@@ -38,12 +38,12 @@ from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
 from fxflatten.errors import FxflattenError, check_finite
-from fxflatten.graph.discovery import block_boundaries, discover_blocks
+from fxflatten.graph.discovery import block_boundaries
 from fxflatten.graph.fx import linear_input, to_digraph
 from fxflatten.graph.layout import Block, Branch, Projection
 from fxflatten.graph.params import set_weight, weight
 from fxflatten.leastsq import add_gram, greedy_groups_by_error, group_energy, prune_by_error, ridge_leverage, ridge_solve
-from fxflatten.passes.base import GraphPass, editable_copy, finish
+from fxflatten.passes.base import GraphPass, contract_error, editable_copy, finish
 from fxflatten.passes.reference import Reference
 from fxflatten.passes.refit import Moments, accumulate, head_groups, refit_output, slice_inputs
 from fxflatten.passes.rescale import rescale_constants
@@ -153,7 +153,7 @@ class PrunePass(GraphPass):
         """One plan per block, a reference graph where the target needs one, and every block to
         prune fused to one attention and one MLP branch with planned widths it can be pruned to."""
         super().requires(graph_module)
-        blocks = discover_blocks(graph_module).blocks
+        blocks = self.record_input(graph_module).blocks
         if len(self.plans) != len(blocks):
             raise FxflattenError(f"{len(self.plans)} block plans for a graph of {len(blocks)} blocks: "
                                  "give one BlockPlan per block (BlockPlan(None, None) leaves a block as it is)")
@@ -167,10 +167,9 @@ class PrunePass(GraphPass):
     def ensures(self, graph_module: GraphModule) -> None:
         """The pruned graph runs, and each block has its planned KV heads and MLP width."""
         super().ensures(graph_module)
-        blocks = discover_blocks(graph_module).blocks
+        blocks = self.blocks_of(graph_module).blocks
         if len(blocks) != len(self.plans):
-            raise FxflattenError(f"PrunePass left {len(blocks)} blocks of {len(self.plans)}: "
-                                 "a bug in the pass, report it with the block plans")
+            raise contract_error("PrunePass", f"{len(self.plans)} blocks, one per plan", f"{len(blocks)}")
         for block, plan in zip(blocks, self.plans):
             kv_heads = None if plan.kv_heads is None else block.attention[0].attention.num_kv_heads
             width = None if plan.width is None else block.mlp[0].mlp.width
@@ -210,7 +209,7 @@ class PrunePass(GraphPass):
 
     def block_steps(self, gm: GraphModule, spill: Spill) -> Iterator[BlockStep]:
         """Each block of ``gm`` with its plan, in order, the compressed stream entering it stored in ``spill``."""
-        block_map = discover_blocks(gm)
+        block_map = self.blocks_of(gm)
         parts = segments(gm, block_map)
         runner = SegmentRunner(gm, parts)
         batches = batches_of(self.windows, self.config.batch_size)
