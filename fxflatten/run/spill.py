@@ -102,7 +102,7 @@ def _malloc_trim():
 def release_free_memory() -> None:
     """Give the allocator's free memory back to the system (glibc); elsewhere do nothing.
 
-    glibc's malloc serves blocks below its mmap threshold (which rises to 32 MiB once large
+    glibc's malloc serves blocks below its mmap threshold (which rises as large
     blocks are freed) from its heaps and keeps what is freed there for later requests. After a
     step that builds and drops a widened block's intermediates the process would hold that
     memory, so its peak would grow with each step after it although the live tensors stay the
