@@ -230,9 +230,8 @@ def main() -> None:
         rows = [Row(**row) for row in saved["rows"]]
         args.ratios = [float(r) for r in saved["args"]["ratios"].strip("[]").split(", ")]
         args.samples, args.seq_len, args.items = (int(saved["args"][k]) for k in ("samples", "seq_len", "items"))
-        windows = saved["args"]["eval_windows"]
-        sets = {"": torch.empty(int(windows), args.seq_len)}
-        write(rows, args, sets, saved["minutes"], saved["select_s"], saved["command"])
+        windows = (int(saved["args"]["eval_windows"]), args.seq_len)
+        write(rows, args, windows, saved["minutes"], saved["select_s"], saved["command"])
         return
     logging.basicConfig(level=logging.WARNING)
     for name in ("lm_eval", "torch_pruning"):
@@ -248,16 +247,17 @@ def main() -> None:
     for ratio in args.ratios:
         peer_error = run_ratio(bench, model, dense, calib, similarity, ratio, peer_error)
         # Written after every ratio, so that an interrupted run keeps what it measured.
-        write(bench.rows, args, sets, (time.perf_counter() - start) / 60, select_s, " ".join(sys.argv[1:]))
+        write(bench.rows, args, tuple(next(iter(sets.values())).shape), (time.perf_counter() - start) / 60, select_s,
+              " ".join(sys.argv[1:]))
 
 
-def write(rows: list[Row], args: argparse.Namespace, sets: dict[str, torch.Tensor], minutes: float, select_s: float,
+def write(rows: list[Row], args: argparse.Namespace, windows: tuple[int, int], minutes: float, select_s: float,
           command: str) -> None:
+    """quality.{md,json,png} from the rows; ``windows`` is (windows, tokens) per evaluation domain."""
     rows = sorted(rows, key=lambda r: -1 if r.ratio is None else r.ratio)  # stable: methods keep their order
     text = table(rows)
     errors = sorted({r.error for r in rows if r.error})
     dense = ", ".join(f"{domain} {value:.2f}" for domain, value in rows[0].perplexity.items())
-    windows = next(iter(sets.values())).shape
     header = (
         f"Default model (SmolLM2-135M-Instruct). Calibration: {args.samples} x {args.seq_len} tokens of the default "
         f"calibration text, the same windows for every method. Held-out perplexity on {windows[0]} x {windows[1]} tokens "

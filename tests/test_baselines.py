@@ -4,7 +4,7 @@ and LinearPatch remove a span of blocks and bridge it with one fitted linear map
 import pytest
 import torch
 
-from benchmarks.baselines.linearpatch import hadamard, patch_span
+from benchmarks.baselines.linearpatch import PatchSpanPass, hadamard, patch_span
 from benchmarks.baselines.replaceme import fit_lstsq, replace_span
 from benchmarks.baselines.span import closest_span, span_activations
 from fxflatten import capture, discover_blocks
@@ -86,3 +86,12 @@ def test_linearpatch_adds_one_patch_matrix_and_removes_the_span(setup):
     assert start == 2 and len(discover_blocks(patched).blocks) == 4
     extra = sum(p.numel() for p in patched.parameters()) - sum(p.numel() for p in removed.parameters())
     assert extra == 32 * 32
+
+
+def test_an_identity_patch_computes_what_removing_the_span_computes(setup):
+    graph, windows, _ = setup
+    patched = PatchSpanPass(2, 2, torch.eye(32))(graph).graph_module
+    removed = RemoveBlocksPass([2, 3])(graph).graph_module
+    ids = windows[:2]
+    torch.testing.assert_close(patched(ids, torch.ones_like(ids)), removed(ids, torch.ones_like(ids)))
+

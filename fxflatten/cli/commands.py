@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.fx import GraphModule
+from transformers import PreTrainedTokenizerBase
 
 from fxflatten.cli.output import atomic_dir, check_output, write_report
 from fxflatten.errors import FxflattenError, check_parameters_finite
@@ -16,6 +18,7 @@ from fxflatten.eval.report import held_out, perplexity_report, perplexity_table
 from fxflatten.export.program import save_program
 from fxflatten.graph.capture import capture
 from fxflatten.graph.discovery import discover_blocks
+from fxflatten.graph.layout import BlockMap
 from fxflatten.load import load_model
 from fxflatten.pipeline import flatten
 from fxflatten.plans import check_flatten_share
@@ -51,7 +54,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     )
 
 
-def load_and_capture(args: argparse.Namespace, profiler: Profiler):
+def load_and_capture(args: argparse.Namespace, profiler: Profiler
+                     ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, torch.Tensor, GraphModule, BlockMap]:
     """The first steps of flatten and compress: load and check the model, cut the calibration
     windows, capture the graph and find its blocks. Returns (model, tokenizer, calib, graph, blocks)."""
     torch.manual_seed(args.seed)
@@ -169,8 +173,6 @@ def run_compress(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     """fxflatten eval: held-out perplexity and, with --tasks, zero-shot accuracy of a model in memory."""
-    from torch.fx import GraphModule
-
     from fxflatten.eval.harness import require_lm_eval, zero_shot
     from fxflatten.export.program import load_source
     from fxflatten.graph.capture import MAX_LEN

@@ -94,8 +94,8 @@ def check_output_biases(stage: tuple[Branch, ...]) -> None:
 
 
 def widen_output(gm: GraphModule, nodes: dict[str, Node], stage: tuple[Branch, ...]) -> None:
-    """Concatenate the output linears' input columns; add their biases."""
-    check_output_biases(stage)
+    """Concatenate the output linears' input columns; add their biases (``requires`` checked
+    that the first linear has a bias wherever another one does)."""
     outputs = [projections_of(branch)[1] for branch in stage]
     first = outputs[0]
     set_weight(gm, first, torch.cat([weight(gm, linear) for linear in outputs], dim=1))
