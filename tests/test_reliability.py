@@ -272,7 +272,10 @@ def test_a_run_killed_while_saving_leaves_the_old_output_or_none(sig, with_old_o
     env = os.environ | {"PYTHONPATH": path, "FXFLATTEN_TEST_STOPPED": str(stopped)}
     args = [sys.executable, "-m", "fxflatten.cli", *compress_args(tiny_llama_dir, out, texts, "--force")]
     with (tmp_path / "stderr").open("w") as stderr:
-        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        # A runner started in the background (CI, nohup) hands its children SIGINT ignored, and
+        # Python then never turns it into KeyboardInterrupt: restore the default, as a terminal has.
+        process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 300
             while not stopped.exists() and process.poll() is None and time.monotonic() < deadline:
