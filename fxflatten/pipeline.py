@@ -18,7 +18,7 @@ from fxflatten.passes.flatten import FlattenPass
 from fxflatten.passes.fold_norms import FoldNormsPass
 from fxflatten.passes.fuse import FusePass
 from fxflatten.passes.prune import PrunePass, PruneReport
-from fxflatten.plans import BlockPlan, PruneConfig, check_flatten_share, plan_blocks, split_plans
+from fxflatten.plans import BlockPlan, PruneConfig, check_compressible, check_flatten_share, plan_blocks, split_plans
 from fxflatten.run.profiler import Profiler
 from fxflatten.selection import Selection, select_groups
 
@@ -106,6 +106,7 @@ def compress(model_or_graph: nn.Module | GraphModule, ratio: float | None = None
     profiler = profiler or Profiler()
     dense = as_graph(model_or_graph)
     dense_map = discover_blocks(dense)
+    check_compressible(dense_map)
     share = ratio if flatten_share is None else flatten_share
     if share == 0 and groups is None:
         groups = []

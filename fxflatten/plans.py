@@ -53,6 +53,27 @@ def check_flatten_share(share: float | None, ratio: float | None) -> None:
             f"--flatten-share must be in [0, --ratio {ratio}], got {share}: the flattened share is part of the ratio")
 
 
+def check_compressible(block_map: BlockMap) -> None:
+    """Refuse, before any work, a model whose blocks the prune pass cannot take apart.
+
+    Merged layers are pruned back as one fused branch per stage, which needs each branch's output
+    to reach the residual add straight from its output projection; and every pruned block needs
+    its attention taken apart into q/k/v/o to count and drop KV groups.
+    """
+    for block in block_map.blocks:
+        branches = block.attention + block.mlp
+        if any(branch.post_norm for branch in branches):
+            raise FxflattenError(
+                f"block {block.index} normalises each branch's output before adding it to the residual stream "
+                "(a sandwich norm, as Gemma 2 and 3 do), so merged layers cannot be fused into one exactly and "
+                "FlattenGPT cannot compress this model; models whose branches add straight into the stream "
+                "(Llama, Mistral, Qwen2, Phi-3, GPT-2) work")
+        if any(branch.attention is None for branch in block.attention):
+            raise FxflattenError(
+                f"block {block.index}'s attention could not be taken apart into q/k/v/o projections (run "
+                "`fxflatten inspect` to see what was found), so its heads cannot be pruned; this model is not supported")
+
+
 def units_of(groups: list[list[int]], num_blocks: int) -> list[tuple[int, ...]]:
     """The compressed model's blocks as tuples of original block indices, in order."""
     grouped = {index: tuple(group) for group in groups for index in group}

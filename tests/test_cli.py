@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fxflatten.cli import main
@@ -12,9 +13,14 @@ from tests.models import VOCAB, Shape, build
 
 
 def save_with_tokenizer(model, path):
+    # As the command does: transformers' progress bars would share stderr with the error line
+    # the tests read, when a test runs before any command has.
+    transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(path)
     vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    words = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
     tokenizer.save_pretrained(path)
     return path
 
@@ -41,6 +47,27 @@ def test_post_norm_model_is_refused_with_exit_status_2(tmp_path, capsys):
     assert main(["inspect", str(model_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fxflatten: error:") and "post-norm" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_sandwich_norm_model_is_refused_before_selection_and_nothing_is_written(family, tmp_path, capsys, monkeypatch):
+    import fxflatten.selection
+
+    def fail(*args, **kwargs):
+        raise AssertionError("selection ran before the refusal")
+
+    monkeypatch.setattr(fxflatten.selection, "hidden_similarity", fail)
+    model_dir = save_with_tokenizer(build(family, Shape(layers=4)), tmp_path / family)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{i % VOCAB}" for i in range(2000)))
+    out = tmp_path / "out"
+    args = ["compress", str(model_dir), "--ratio", "0.3", "--out", str(out), "--calib", str(text), "--eval-text", str(text),
+            "--samples", "4", "--seq-len", "16", "--eval-windows", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fxflatten: error: block 0 normalises each branch's output") and "Gemma" in err and "\n" not in err
+    assert not out.exists()
+    assert main([*args, "--flatten-share", "0"]) == 2  # width pruning alone is refused the same way, not crashed
 
 
 def test_missing_model_path_is_a_one_line_error(tmp_path, capsys):
