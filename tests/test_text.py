@@ -9,9 +9,11 @@ from fxflatten.errors import FxflattenError
 from fxflatten.text import (
     DOMAINS,
     CorpusSplit,
+    calibration_windows,
     default_text,
     evaluation_domains,
     evaluation_sets,
+    interleaved_windows,
     load_text,
     shared_passages,
     token_windows,
@@ -47,17 +49,20 @@ def test_calibration_and_evaluation_share_no_passage():
     assert shared_substrings(split.calibration, split.evaluation, 100) == set()
 
 
-def test_evaluation_is_the_end_of_the_article_and_calibration_its_start_plus_plays():
+def test_evaluation_is_the_end_of_the_article_and_calibration_its_start_plays_and_code():
     split = default_text()
-    assert split.calibration.startswith("Shakespeare, William (1564--1616), English poet")
+    assert list(split.sources) == ["article", "plays", "code"]
+    assert split.sources["article"].startswith("Shakespeare, William (1564--1616), English poet")
     assert split.evaluation.rstrip().endswith("(M. H. S.)")  # the article before its bibliography
-    assert "HAMLET, PRINCE OF DENMARK" in split.calibration
+    assert "HAMLET, PRINCE OF DENMARK" in split.sources["plays"]
+    assert "class ArgumentParser(" in split.sources["code"]
+    assert split.calibration == "\n\n".join(split.sources.values())
     assert "HAMLET, PRINCE OF DENMARK" not in split.evaluation
 
 
 def test_scan_markers_and_ocr_noise_are_dropped():
     split = default_text()
-    for text in (split.calibration, split.evaluation):
+    for text in (split.sources["article"], split.evaluation):
         for marker in ("### START", "#### Source", "[[ed:", "http://", "BIBLIOGRAPHY"):
             assert marker not in text
         assert not any(line.startswith("p.77") for line in text.splitlines())
@@ -68,7 +73,8 @@ def test_scan_markers_and_ocr_noise_are_dropped():
 def test_default_text_has_enough_tokens_for_calibration_and_evaluation(default_model):
     _, tokenizer = default_model
     split = default_text()
-    assert token_windows(tokenizer, split.calibration, 128, 512).shape == (128, 512)
+    assert calibration_windows(tokenizer, None, 128, 512).shape == (128, 512)
+    assert calibration_windows(tokenizer, None, 64, 4096).shape == (64, 4096)
     assert token_windows(tokenizer, split.evaluation, None, 512).numel() >= 16_000
 
 
@@ -173,6 +179,43 @@ def test_token_windows_are_a_prefix_of_the_tokenized_text(text, seq_len, data):
     windows = token_windows(TOKENIZER, text, n, seq_len)
     assert windows.shape == (n, seq_len)
     assert windows.flatten().tolist() == ids[: n * seq_len]
+
+
+def test_interleaved_windows_take_turns_and_skip_a_text_that_has_run_out():
+    windows = interleaved_windows(TOKENIZER, ["aaaaaa", "bbbbbbbbbbbb", "cc"], 7, 2)
+    assert [TOKENIZER.decode(w) for w in windows] == ["aa", "bb", "cc", "aa", "bb", "aa", "bb"]
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=4), st.integers(1, 5), st.data())
+def test_interleaved_windows_are_each_texts_windows_in_turn(lengths, seq_len, data):
+    texts = [chr(ord("a") + i) * length for i, length in enumerate(lengths)]
+    available = sum(length // seq_len for length in lengths)
+    if available == 0:
+        with pytest.raises(FxflattenError, match="need"):
+            interleaved_windows(TOKENIZER, texts, 1, seq_len)
+        return
+    n = data.draw(st.integers(1, available))
+    decoded = [TOKENIZER.decode(w) for w in interleaved_windows(TOKENIZER, texts, n, seq_len)]
+    assert len(decoded) == n and all(len(set(w)) == 1 for w in decoded)
+    counts = [sum(w[0] == text[:1] for w in decoded) for text in texts]
+    # Even shares: two texts that both still had windows to give differ by at most one window.
+    for i, a in enumerate(counts):
+        for j, b in enumerate(counts):
+            if a < lengths[i] // seq_len and b < lengths[j] // seq_len:
+                assert abs(a - b) <= 1
+
+
+def test_too_few_calibration_tokens_says_what_to_do():
+    with pytest.raises(FxflattenError) as excinfo:
+        interleaved_windows(TOKENIZER, ["x" * 25, "y" * 25], 6, 10)
+    message = str(excinfo.value)
+    assert "\n" not in message and "need 60 tokens" in message and "has 40" in message and "--calib" in message
+
+
+def test_the_default_calibration_mixes_its_sources_from_the_first_window():
+    windows = calibration_windows(TOKENIZER, None, 3, 64)
+    starts = [TOKENIZER.decode(w) for w in windows]
+    assert [start[:20] for start in starts] == [text[:20] for text in default_text().sources.values()]
 
 
 # --- Overlap between calibration and evaluation texts --------------------------------------

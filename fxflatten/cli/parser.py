@@ -10,7 +10,10 @@ import argparse
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calib", metavar="FILE", help="calibration text (default: the embedded default text)")
+    parser.add_argument(
+        "--calib", metavar="FILE",
+        help="calibration text (default: the embedded mix of encyclopedia prose, plays and Python source)",
+    )
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity (default: the embedded evaluation text)")
