@@ -230,6 +230,18 @@ def load_text(path: str | os.PathLike) -> str:
     return text
 
 
+def _check_window_shape(n_windows: int | None, seq_len: int) -> None:
+    if seq_len < 1 or (n_windows is not None and n_windows < 1):
+        raise FxflattenError(
+            f"windows need a positive count and length, got {n_windows} x {seq_len} tokens"
+        )
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # verbose=False: the text is meant to be longer than the model's context; we cut it.
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
 def token_windows(
     tokenizer: PreTrainedTokenizerBase, text: str, n_windows: int | None, seq_len: int
 ) -> torch.LongTensor:
@@ -239,12 +251,8 @@ def token_windows(
     text holds. The windows are slices of one token stream, so no special tokens are added (a
     BOS would only ever start the first window).
     """
-    if seq_len < 1 or (n_windows is not None and n_windows < 1):
-        raise FxflattenError(
-            f"windows need a positive count and length, got {n_windows} x {seq_len} tokens"
-        )
-    # verbose=False: the text is meant to be longer than the model's context; we cut it.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    _check_window_shape(n_windows, seq_len)
+    ids = _token_ids(tokenizer, text)
     available = len(ids) // seq_len
     n = available if n_windows is None else n_windows
     if n == 0 or n > available:
@@ -264,11 +272,8 @@ def interleaved_windows(
     of each text in order, then the second of each, and so on, skipping a text once it has no
     whole window left. So any count of windows mixes the texts as evenly as their lengths allow.
     """
-    if seq_len < 1 or n_windows < 1:
-        raise FxflattenError(
-            f"windows need a positive count and length, got {n_windows} x {seq_len} tokens"
-        )
-    streams = [tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] for text in texts]
+    _check_window_shape(n_windows, seq_len)
+    streams = [_token_ids(tokenizer, text) for text in texts]
     whole = [len(ids) // seq_len for ids in streams]
     if sum(whole) < n_windows:
         raise FxflattenError(
