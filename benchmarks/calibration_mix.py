@@ -16,13 +16,12 @@ Writes benchmarks/results/calibration_mix.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from benchmarks.baselines import replaceme
-from benchmarks.common import RESULTS
+from benchmarks.common import write_results
 from fxflatten import capture, discover_blocks, load_model
 from fxflatten.eval.perplexity import geometric_mean, perplexities
 from fxflatten.pipeline import compress
@@ -68,16 +67,16 @@ def main() -> None:
     table = format_table(["calibration", "method", *columns], [[r["calibration"], r["method"], *(r[c] for c in columns)]
                                                              for r in rows])
     minutes = (time.perf_counter() - start) / 60
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "calibration_mix.md").write_text(
+    write_results(
+        "calibration_mix",
         f"# Calibration mixed from several kinds of text\n\n"
         f"Default model, --ratio {args.ratio}; calibration {args.samples} x {args.seq_len} tokens whose windows take "
         f"turns among the named sources of the default calibration text; groups chosen from each calibration as "
         f"compress chooses them; held-out perplexity on {args.eval_windows} x {args.seq_len} tokens of each domain, as a "
         f"multiple of the dense model's ({', '.join(f'{d} {v:.2f}' for d, v in dense_ppl.items())}). "
-        f"{minutes:.1f} minutes. Regenerate: `python -m benchmarks.calibration_mix`\n\n```\n{table}\n```\n")
-    (RESULTS / "calibration_mix.json").write_text(
-        json.dumps({"args": vars(args), "dense_perplexity": dense_ppl, "rows": rows}, indent=2))
+        f"{minutes:.1f} minutes. Regenerate: `python -m benchmarks.calibration_mix`\n\n```\n{table}\n```\n",
+        {"args": vars(args), "dense_perplexity": dense_ppl, "rows": rows},
+    )
     print(table)
 
 

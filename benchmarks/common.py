@@ -6,6 +6,7 @@ side by side; results go under ``benchmarks/results``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,13 @@ from fxflatten import capture, load_model
 from fxflatten.text import calibration_windows, evaluation_windows
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(stem: str, markdown: str, data: dict) -> None:
+    """``results/{stem}.md`` for people and ``results/{stem}.json`` for tools: one benchmark's findings."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 @dataclass

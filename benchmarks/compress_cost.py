@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 
 import psutil
 import torch
 
-from benchmarks.common import RESULTS
+from benchmarks.common import write_results
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten.run.profiler import Profiler, Step
 from fxflatten.run.spill import release_free_memory
@@ -105,12 +104,13 @@ def main() -> None:
         ["RSS once the code is loaded too (a toy Llama loaded, captured, freed), MiB", code_mib],
         ["(peak - that) / (2 x weights + one layer)", (peak - code_mib) / (2 * weights_mib + layer_mib)],
     ])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compress_cost.md").write_text(
+    write_results(
+        "compress_cost",
         f"# Cost of compress on the default model\n\n{args.samples} windows x {args.seq_len} tokens, --ratio {args.ratio}, "
         f"{args.repeats} repeat(s), measured side by side in one process. Regenerate: python -m benchmarks.compress_cost\n\n```\n{table}\n```\n\n"
-        f"By stage (peak RSS of the whole process while the stage ran):\n\n```\n{profiler.table()}\n```\n")
-    (RESULTS / "compress_cost.json").write_text(json.dumps(summary, indent=2))
+        f"By stage (peak RSS of the whole process while the stage ran):\n\n```\n{profiler.table()}\n```\n",
+        summary,
+    )
     print(table)
     print(profiler.table())
 

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from benchmarks.common import RESULTS
+from benchmarks.common import write_results
 from fxflatten import capture, compress, load_model
 from fxflatten.run.profiler import Profiler
 from fxflatten.tables import format_table
@@ -108,9 +108,7 @@ def main() -> None:
         f"## Tiny random Llama ({TINY}), {TINY_WINDOWS} random windows of {TINY_SEQ_LEN} tokens\n\n"
         f"```\n{table(depth, 'layers')}\n```\n"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cost.md").write_text(text)
-    (RESULTS / "cost.json").write_text(json.dumps({"args": vars(args), "windows": windows, "layers": depth}, indent=2))
+    write_results("cost", text, {"args": vars(args), "windows": windows, "layers": depth})
     print(text)
 
 

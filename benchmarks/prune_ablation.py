@@ -15,13 +15,12 @@ Writes benchmarks/results/prune_ablation.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import time
 
 import torch
 
-from benchmarks.common import RESULTS, default_setup
+from benchmarks.common import default_setup, write_results
 from fxflatten import PruneConfig, discover_blocks
 from fxflatten.eval.perplexity import perplexity
 from fxflatten.passes.prune import PrunePass
@@ -86,14 +85,14 @@ def main() -> None:
     configs = {name: c for name, c in CONFIGS.items() if not args.configs or any(part in name for part in args.configs)}
     for name, config in configs.items():
         # Written after every configuration, so that a long run leaves what it measured.
-        write_results(args, selection.groups, evaluation.shape[0], rows)
+        write_ablation(args, selection.groups, evaluation.shape[0], rows)
         start = time.perf_counter()
         pruned = PrunePass(calib, plans, config, reference=dense)(flat.graph).graph_module
         record(name, pruned, time.perf_counter() - start)
-    print(write_results(args, selection.groups, evaluation.shape[0], rows))
+    print(write_ablation(args, selection.groups, evaluation.shape[0], rows))
 
 
-def write_results(args: argparse.Namespace, groups: list[list[int]], eval_windows: int, rows: list[dict]) -> str:
+def write_ablation(args: argparse.Namespace, groups: list[list[int]], eval_windows: int, rows: list[dict]) -> str:
     """Write the table of ``rows`` (the measurements so far) and its JSON."""
     base = rows[0]["perplexity"]
     table = format_table(
@@ -106,11 +105,10 @@ def write_results(args: argparse.Namespace, groups: list[list[int]], eval_window
     header = (f"Default model (SmolLM2-135M-Instruct), --ratio {args.ratio}, groups chosen by {args.select}: {groups}. "
               f"Calibration {args.samples} x {args.seq_len} tokens; held-out perplexity on {eval_windows} x {args.seq_len} "
               f"tokens of the default evaluation text. Regenerate: {command}\n")
-    RESULTS.mkdir(exist_ok=True)
     # A run of some configurations keeps its own file, so that it never replaces the full table.
     stem = "prune_ablation" + ("" if args.select == "cosine" else f"_select_{args.select}") + ("_subset" if args.configs else "")
-    (RESULTS / f"{stem}.md").write_text(f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n")
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"args": vars(args), "groups": groups, "rows": rows}, indent=2))
+    write_results(stem, f"# Prune-back ablation\n\n{header}\n```\n{table}\n```\n",
+                  {"args": vars(args), "groups": groups, "rows": rows})
     return table
 
 

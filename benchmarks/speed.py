@@ -20,7 +20,6 @@ Writes benchmarks/results/speed.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS
+from benchmarks.common import write_results
 from fxflatten import capture, compress, discover_blocks, load_model
 from fxflatten.export import ort, to_onnx
 from fxflatten.export.hf import to_pretrained
@@ -152,9 +151,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "machine": platform.platform(), "processor": platform.processor(),
         "onnx_export_seconds": export_seconds, "results": records,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speed.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (RESULTS / "speed.md").write_text(
+    write_results(
+        "speed",
         "# Inference speed, dense vs compressed default model (CPU)\n\n"
         f"SmolLM2-135M-Instruct, --ratio {args.ratio} ({layers}, groups {result.groups}), float32, batch 1. "
         f"Prefill: {args.prefill} tokens. Decode: {args.new_tokens} greedy tokens from the KV cache after a "
@@ -170,7 +168,8 @@ def main() -> None:
         "embeddings, softmax, KV-cache copies, per-operator overhead) grows with depth, while the "
         "LM head, a fixed share of the MACs, is one large, efficient matrix product. The ratio "
         f"of layers, {dense.config.num_hidden_layers / small.config.num_hidden_layers:.3f}, is the "
-        "speedup if only the blocks cost time.\n"
+        "speedup if only the blocks cost time.\n",
+        summary,
     )
 
 

@@ -17,10 +17,9 @@ Writes benchmarks/results/split.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from benchmarks.common import RESULTS, default_setup
+from benchmarks.common import default_setup, write_results
 from fxflatten import discover_blocks
 from fxflatten.eval.perplexity import perplexity
 from fxflatten.pipeline import compress
@@ -55,15 +54,16 @@ def main() -> None:
     table = format_table(["ratio", "flattened share", "layers", "removed", "perplexity", "x dense"],
                          [[r["ratio"], r["flatten"], r["layers"], r["removed"], r["perplexity"], r["x_dense"]] for r in rows])
     minutes = (time.perf_counter() - start) / 60
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "split.md").write_text(
+    write_results(
+        "split",
         f"# Splitting the budget between flattening and width pruning\n\n"
         f"Default model; calibration {args.samples} x {args.seq_len} tokens, held-out perplexity on {args.eval_windows} x "
         f"{args.seq_len} tokens (dense {dense_ppl:.2f}), as in quality.md. Flattened share: the part of the ratio taken "
         f"by flattening (0: width-only; equal to the ratio: FlattenGPT, topped up to the exact ratio); the rest is "
         f"width-pruned evenly from the unmerged blocks, so every row removes the same parameters. "
-        f"{minutes:.1f} minutes. Regenerate: `python -m benchmarks.split`\n\n```\n{table}\n```\n")
-    (RESULTS / "split.json").write_text(json.dumps({"args": vars(args), "dense_perplexity": dense_ppl, "rows": rows}, indent=2))
+        f"{minutes:.1f} minutes. Regenerate: `python -m benchmarks.split`\n\n```\n{table}\n```\n",
+        {"args": vars(args), "dense_perplexity": dense_ppl, "rows": rows},
+    )
     print(table)
 
 

@@ -13,10 +13,9 @@ Writes benchmarks/results/width_curve.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from benchmarks.common import RESULTS, default_setup
+from benchmarks.common import default_setup, write_results
 from fxflatten import compress, discover_blocks
 from fxflatten.eval.perplexity import perplexity
 from fxflatten.tables import format_table
@@ -47,13 +46,14 @@ def main() -> None:
             ["width", "groups", "parameters", "removed", "perplexity", "x dense"],
             [[r["width"], len(r["groups"]), r["parameters"], f"{r['ratio']:.3f}", r["perplexity"], f"{r['x_dense']:.3f}"] for r in rows],
         )
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "width_curve.md").write_text(
+        write_results(
+            "width_curve",
             f"# Equal-budget width curve\n\nDefault model, --ratio {args.ratio}, dense perplexity {base:.2f}; calibration "
             f"{args.samples} x {args.seq_len} tokens, held-out perplexity on {evaluation.shape[0]} x {args.seq_len} tokens. "
             f"Width 1.0 is the default row of prune_ablation.md. Regenerate: python -m benchmarks.width_curve\n\n"
-            f"```\n{table}\n```\n\nGroups: " + "; ".join(f"width {r['width']}: {r['groups']}" for r in rows) + "\n")
-        (RESULTS / "width_curve.json").write_text(json.dumps({"args": vars(args), "dense_perplexity": base, "rows": rows}, indent=2))
+            f"```\n{table}\n```\n\nGroups: " + "; ".join(f"width {r['width']}: {r['groups']}" for r in rows) + "\n",
+            {"args": vars(args), "dense_perplexity": base, "rows": rows},
+        )
     print(table)
 
 
