@@ -44,6 +44,7 @@ def main() -> None:
     model, tokenizer = load_model("default")
     dense = capture(model)
     dense_map = discover_blocks(dense)
+    block_parameters = [block.parameters for block in dense_map.blocks]
     sources = default_text().sources
     sets = evaluation_sets(tokenizer, None, args.eval_windows, args.seq_len)
     dense_ppl = {domain: p.value for domain, p in perplexities(dense, sets).items()}
@@ -56,7 +57,6 @@ def main() -> None:
     for mix in args.mixes:
         calib = interleaved_windows(tokenizer, [sources[name] for name in mix.split("+")], args.samples, args.seq_len)
         similarity = hidden_similarity(dense, calib)
-        block_parameters = [block.parameters for block in dense_map.blocks]
         groups, _ = greedy_groups(similarity, block_parameters, dense_map.total_parameters, args.ratio)
         flattened = compress(dense, args.ratio, calib, groups=groups).graph
         replaced, _ = replaceme.replace_span(dense, calib, similarity, sum(len(g) - 1 for g in groups), "lstsq")
