@@ -40,10 +40,10 @@ def ridge_leverage(gram: torch.Tensor, ridge: float = 10.0, block: int = 768) ->
     factor = torch.linalg.cholesky(shifted)
     del shifted  # n x n matrices are the largest things held here: keep as few as possible
     n = gram.shape[0]
-    inverse_diagonal = torch.empty(n, dtype=factor.dtype)
+    inverse_diagonal = torch.empty(n, dtype=factor.dtype, device=factor.device)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        identity = torch.eye(n - start, stop - start, dtype=factor.dtype)
+        identity = torch.eye(n - start, stop - start, dtype=factor.dtype, device=factor.device)
         columns = torch.linalg.solve_triangular(factor[start:, start:], identity, upper=False)
         inverse_diagonal[start:stop] = columns.pow_(2).sum(0)
     return 1 - lam * inverse_diagonal
@@ -86,7 +86,7 @@ def greedy_groups_by_error(gram: torch.Tensor, cross: torch.Tensor, groups: list
                            keep: int, ridge: float, always: torch.Tensor | None = None) -> list[int]:
     """Choose ``keep`` groups one at a time, each time the one that best reproduces the target."""
     chosen: list[int] = []
-    base = always if always is not None else torch.empty(0, dtype=torch.long)
+    base = always if always is not None else torch.empty(0, dtype=torch.long, device=gram.device)
     for _ in range(keep):
         best = max(
             (g for g in range(len(groups)) if g not in chosen),
@@ -107,8 +107,8 @@ def prune_by_error(gram: torch.Tensor, cross: torch.Tensor, keep: int, ridge: fl
     keeps the channels the output needs, not just the ones with the most independent energy.
     Channels in ``always`` (a bias column) are kept and not counted.
     """
-    fixed = always if always is not None else torch.empty(0, dtype=torch.long)
-    free = torch.ones(gram.shape[0], dtype=torch.bool)
+    fixed = always if always is not None else torch.empty(0, dtype=torch.long, device=gram.device)
+    free = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
     free[fixed] = False
     candidates = free.nonzero().flatten()
     for done in range(rounds):
@@ -119,7 +119,7 @@ def prune_by_error(gram: torch.Tensor, cross: torch.Tensor, keep: int, ridge: fl
         active = torch.cat([candidates, fixed])
         g = gram[active[:, None], active].double()
         lam = ridge * g.diagonal().mean().clamp(min=1e-12)
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(len(active), dtype=g.dtype)))
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(len(active), dtype=g.dtype, device=g.device)))
         solution = inverse @ cross[active].double()
         cost = solution.pow(2).sum(1) / inverse.diagonal()
         order = cost[: len(candidates)].argsort(descending=True)
@@ -139,7 +139,7 @@ def add_gram(total: torch.Tensor | None, x: torch.Tensor, pieces: int = 4) -> to
     """
     n = x.shape[1]
     if total is None:
-        total = torch.zeros(n, n, dtype=x.dtype)
+        total = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     edges = [round(n * i / pieces) for i in range(pieces + 1)]
     spans = [slice(a, b) for a, b in zip(edges, edges[1:]) if b > a]
     for i, rows in enumerate(spans):

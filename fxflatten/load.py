@@ -76,6 +76,24 @@ def _load_path(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTok
     )
 
 
+def saved_dtype(spec: str | os.PathLike = "default") -> torch.dtype:
+    """The dtype ``spec``'s weights are stored in, from its config.json (float32 when it does not
+    say, and for GGUF files, whose cache holds the dequantized weights in float32).
+
+    Read before loading, which converts the weights to the dtype asked for and the config with them.
+    """
+    path = None if spec == "default" else Path(spec).expanduser() / "config.json"
+    if path is None or not path.is_file():
+        return torch.float32
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return torch.float32  # loading it reports the broken file with the reason
+    name = (raw.get("dtype") or raw.get("torch_dtype")) if isinstance(raw, dict) else None
+    value = getattr(torch, name, None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
 def default_gguf() -> Path:
     """The GGUF file of the default model, found without importing its package.
 

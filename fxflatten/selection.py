@@ -19,6 +19,7 @@ import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from fxflatten.device import device_of
 from fxflatten.errors import FxflattenError, check_finite
 from fxflatten.graph.discovery import block_boundaries, discover_blocks
 from fxflatten.graph.layout import BlockMap
@@ -72,7 +73,7 @@ def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMa
     count = min(len(windows), -(-max_tokens // windows.shape[1]))
     windows = windows[torch.linspace(0, len(windows) - 1, count).round().long()]
     boundaries = block_boundaries(gm, block_map)
-    total = torch.zeros(len(boundaries), len(boundaries), dtype=torch.float64)
+    total = torch.zeros(len(boundaries), len(boundaries), dtype=torch.float64, device=device_of(gm))
     tokens = 0
     for env in tqdm(runner.start(batches_of(windows, batch_size)), desc="similarity", disable=not progress, leave=False):
         states = None  # row i: the batch's unit-normalised stream entering block i, flattened
@@ -87,7 +88,7 @@ def hidden_similarity(gm: GraphModule, windows: torch.Tensor, block_map: BlockMa
         flat = states.flatten(1)
         total += (flat @ flat.T).double()
         tokens += states.shape[1]
-    return (total / tokens).float()
+    return (total / tokens).float().cpu()
 
 
 @torch.no_grad()

@@ -347,15 +347,21 @@ def test_a_bfloat16_checkpoint_loads_in_float32(tmp_path):
 
 
 def test_a_bfloat16_graph_compresses_like_its_float32_self():
-    """Half-precision graphs compress (statistics in float32/64) to nearly the float32 result."""
+    """Half-precision graphs compress (statistics in float32/64) to nearly the float32 result:
+    a few times what bf16 rounding alone changes in the dense model, far less than pruning
+    changes (a refit solved in bf16 would not be)."""
     calib = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
-    full = compress(capture(build("llama")), calib=calib, groups=[[0, 1]]).graph
-    half = compress(capture(build("llama").to(torch.bfloat16)), calib=calib, groups=[[0, 1]]).graph
+    dense, dense_half = build("llama"), build("llama").to(torch.bfloat16)
+    full = compress(capture(dense), calib=calib, groups=[[0, 1]]).graph
+    half = compress(capture(dense_half), calib=calib, groups=[[0, 1]]).graph
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         expected = full(ids, torch.ones_like(ids))
         got = half(ids, torch.ones_like(ids)).float()
-    assert torch.isfinite(got).all()
-    # bfloat16 keeps 8 bits of mantissa: logits agree to a few percent of their spread.
-    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+        original, original_half = dense(ids).logits, dense_half(ids).logits.float()
+
+    def relative(a, b):
+        return float((a - b).norm() / b.norm())
+    assert relative(got, expected) < 5 * relative(original_half, original)
+    assert relative(got, expected) < 0.1 * relative(expected, original)

@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 from transformers import PreTrainedTokenizerBase
 
 from fxflatten.cli.output import atomic_dir, check_output, write_report
+from fxflatten.device import compute_dtype, resolve_device
 from fxflatten.errors import FxflattenError, check_parameters_finite
 from fxflatten.eval.perplexity import geometric_mean
 from fxflatten.eval.report import held_out, perplexity_report, perplexity_table
@@ -19,7 +20,7 @@ from fxflatten.export.program import save_program
 from fxflatten.graph.capture import capture
 from fxflatten.graph.discovery import discover_blocks
 from fxflatten.graph.layout import BlockMap
-from fxflatten.load import load_model
+from fxflatten.load import load_model, saved_dtype
 from fxflatten.pipeline import flatten
 from fxflatten.plans import check_flatten_share
 from fxflatten.run.profiler import Profiler
@@ -59,10 +60,14 @@ def load_and_capture(args: argparse.Namespace, profiler: Profiler
     """The first steps of flatten and compress: load and check the model, cut the calibration
     windows, capture the graph and find its blocks. Returns (model, tokenizer, calib, graph, blocks)."""
     torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype = compute_dtype(args.dtype, device, saved_dtype(args.model))
+    log.info("running on %s in %s", device, str(dtype).removeprefix("torch."))
     with profiler("load"):
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, dtype)
+        model.to(device)
         check_parameters_finite(model)
-        calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len)
+        calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len).to(device)
     with profiler("capture"):
         graph = capture(model)
         block_map = discover_blocks(graph)
@@ -124,6 +129,9 @@ def run_compress(args: argparse.Namespace) -> None:
     check_output(out, args.force)
     check_ratio(args.ratio)
     check_flatten_share(args.flatten_share, args.ratio)
+    if args.onnx and resolve_device(args.device).type != "cpu":
+        raise FxflattenError("--onnx exports and checks the graph in ONNX Runtime on the CPU: compress on the GPU "
+                             "without it, then run `fxflatten export OUT --out DIR` on the written checkpoint")
     profiler = Profiler()
     model, tokenizer, calib, graph, block_map = load_and_capture(args, profiler)
     sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
@@ -143,6 +151,8 @@ def run_compress(args: argparse.Namespace) -> None:
         "ratio": {"asked": args.ratio, "achieved": removed / block_map.total_parameters},
         **perplexity_report(scores),
         "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
+        "device": str(calib.device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "select": args.select,
         "flatten_share": args.flatten_share,
         "prune": {"config": vars(config), "width": args.width, "blocks": result.prune.blocks},
@@ -152,7 +162,8 @@ def run_compress(args: argparse.Namespace) -> None:
         try:
             pretrained = to_pretrained(result.graph, model, block_map)
             report["hf_logit_difference"] = check_same_logits(result.graph, pretrained)
-            pretrained.save_pretrained(tmp)
+            # Computed in --dtype; written in the source's own (bf16 in, bf16 out).
+            pretrained.to(saved_dtype(args.model)).save_pretrained(tmp)
             report["format"] = "huggingface"
         except FxflattenError as error:
             log.warning("%s; saving a torch.export program instead", error)

@@ -19,6 +19,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-text", metavar="FILE", help="held-out text for perplexity (default: the embedded evaluation text)")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluation windows (default: all the text holds)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                        help="where the model runs and its statistics are computed (default auto: CUDA when a GPU is visible)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="precision the model runs in (default auto: the checkpoint's own on a GPU, float32 on a CPU); "
+                             "statistics accumulate in float32 or float64 either way, and the checkpoint written keeps the source's dtype"),
 
 
 def build_parser() -> argparse.ArgumentParser:

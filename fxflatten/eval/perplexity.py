@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from fxflatten.device import device_of
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -35,7 +37,9 @@ def perplexity(gm: GraphModule, windows: torch.Tensor, batch_size: int = 1, prog
     window of a few hundred tokens already keeps the matrix products efficient.
     """
     total, count = 0.0, 0
+    device = device_of(gm)
     for chunk in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, leave=False):
+        chunk = chunk.to(device)
         logits = gm(chunk, torch.ones_like(chunk))
         for row, ids in zip(logits, chunk):
             total += F.cross_entropy(row[:-1].float(), ids[1:], reduction="sum").item()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from fxflatten.device import device_of
 from fxflatten.errors import FxflattenError
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,9 @@ def vocab_size_of(model: nn.Module) -> int:
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random token ids and an all-ones mask, batch >= 2 so that export keeps batch dynamic."""
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size_of(model), (batch, seq_len), generator=generator)
-    return input_ids, torch.ones_like(input_ids)
+    """Random token ids and an all-ones mask on the model's device, batch >= 2 so that export
+    keeps batch dynamic."""
+    return random_tokens(vocab_size_of(model), batch, seq_len, device_of(model))
 
 
 def max_positions_of(model: nn.Module) -> int:
@@ -132,8 +132,16 @@ def graph_example_inputs(graph_module: torch.fx.GraphModule, batch: int = 2, seq
         if node.op == "call_function" and getattr(node.target, "overloadpacket", None) is torch.ops.aten.embedding
     ]
     vocab = min((graph_module.get_parameter(table.target).shape[0] for table in tables if table.op == "get_attr"), default=2)
+    return random_tokens(int(vocab), batch, seq_len, device_of(graph_module))
+
+
+def random_tokens(vocab: int, batch: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random token ids below ``vocab`` and an all-ones mask, on ``device``.
+
+    Drawn on the CPU, so that a graph gets the same examples wherever it runs.
+    """
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, int(vocab), (batch, seq_len), generator=generator)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
     return input_ids, torch.ones_like(input_ids)
 
 

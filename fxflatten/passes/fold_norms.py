@@ -63,7 +63,8 @@ def affine_branches(block_map: BlockMap, parallel_only: bool) -> list[tuple[int,
 def add_bias(gm: GraphModule, node: Node, linear: Linear) -> Linear:
     """Give an ``aten.linear`` without bias a zero bias parameter, wired into the graph."""
     target = linear.weight.rsplit(".", 1)[0] + ".bias"
-    set_tensor(gm, target, torch.zeros(linear.out_features, dtype=get_tensor(gm, linear.weight).dtype))
+    like = get_tensor(gm, linear.weight)
+    set_tensor(gm, target, torch.zeros(linear.out_features, dtype=like.dtype, device=like.device))
     with gm.graph.inserting_before(node):
         attr = gm.graph.get_attr(target)
     node.args = (node.args[0], node.args[1], attr)

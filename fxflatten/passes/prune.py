@@ -303,16 +303,16 @@ class PrunePass(GraphPass):
         moments.check(f"block {step.block.index}: attention statistics")
         w = weight(step.gm, layout.o)
         moments.default_target(step.gm, layout.o)
-        groups = head_groups(layout, layout.num_kv_heads)
+        groups = head_groups(layout, layout.num_kv_heads, w.device)
         if config.head_score == "energy":
             energy = group_energy(moments.gram, w, groups)
             keep_groups = sorted(torch.topk(energy, kv_heads).indices.tolist())
         else:
-            always = torch.tensor([w.shape[1]]) if moments.with_bias else None
+            always = torch.tensor([w.shape[1]], device=w.device) if moments.with_bias else None
             keep_groups = greedy_groups_by_error(moments.gram, moments.cross, groups, kv_heads, config.fit_ridge, always)
         keep_columns = torch.cat([groups[g] for g in keep_groups])
         head_dim = layout.head_dim
-        keep_kv = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in keep_groups])
+        keep_kv = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim, device=w.device) for g in keep_groups])
         members = [step.nodes[name] for name in branch.nodes]
         projections = input_projections(branch)
         sources = {p.linear.node for p in projections}
@@ -344,7 +344,7 @@ class PrunePass(GraphPass):
             leverage = ridge_leverage(moments.gram[:channels, :channels], config.leverage_ridge)
             keep = torch.topk(leverage, width).indices.sort().values
         else:
-            always = torch.tensor([channels]) if moments.with_bias else None
+            always = torch.tensor([channels], device=moments.gram.device) if moments.with_bias else None
             keep = prune_by_error(moments.gram, moments.cross, width, config.fit_ridge, always=always)
         members = [step.nodes[name] for name in branch.nodes]
         projections = input_projections(branch)

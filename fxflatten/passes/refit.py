@@ -35,7 +35,7 @@ class Moments:
         # Gram matrix (a widened MLP's is the largest tensor of the statistics) in place in float32.
         x = x.flatten(0, -2).float()
         if self.with_bias:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
         self.gram = add_gram(self.gram, x)
         if y is not None:
             self.cross = accumulate(self.cross, x.T @ y.flatten(0, -2).float())
@@ -84,7 +84,7 @@ def refit_output(gm: GraphModule, linear: Linear, keep: torch.Tensor, moments: M
     if not refit:
         set_weight(gm, linear, w[:, keep])
         return None
-    columns = torch.cat([keep, torch.tensor([w.shape[1]])]) if moments.with_bias else keep
+    columns = torch.cat([keep, torch.tensor([w.shape[1]], device=keep.device)]) if moments.with_bias else keep
     solution, used = ridge_solve(moments.gram[columns[:, None], columns], moments.cross[columns], ridge)
     fitted = solution.T.to(w.dtype)
     set_weight(gm, linear, fitted[:, : len(keep)].contiguous())
@@ -93,7 +93,7 @@ def refit_output(gm: GraphModule, linear: Linear, keep: torch.Tensor, moments: M
     return used
 
 
-def head_groups(layout: AttentionLayout, count: int) -> list[torch.Tensor]:
-    """Output-projection input columns of each KV group (its query heads' outputs)."""
+def head_groups(layout: AttentionLayout, count: int, device: torch.device | None = None) -> list[torch.Tensor]:
+    """Output-projection input columns of each KV group (its query heads' outputs), on ``device``."""
     per_group = layout.num_heads // layout.num_kv_heads * layout.head_dim
-    return [torch.arange(g * per_group, (g + 1) * per_group) for g in range(count)]
+    return [torch.arange(g * per_group, (g + 1) * per_group, device=device) for g in range(count)]
