@@ -82,13 +82,12 @@ def saved_dtype(spec: str | os.PathLike = "default") -> torch.dtype:
 
     Read before loading, which converts the weights to the dtype asked for and the config with them.
     """
-    path = None if spec == "default" else Path(spec).expanduser() / "config.json"
-    if path is None or not path.is_file():
+    if spec == "default":
         return torch.float32
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return torch.float32  # loading it reports the broken file with the reason
+        raw = json.loads((Path(spec).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return torch.float32  # a missing, unreadable or broken file: loading reports it with the reason
     name = (raw.get("dtype") or raw.get("torch_dtype")) if isinstance(raw, dict) else None
     value = getattr(torch, name, None) if isinstance(name, str) else None
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
