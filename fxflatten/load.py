@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from fxflatten.errors import FxflattenError
+from fxflatten.shards import check_shapes, stored_tensors
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,9 @@ POSITIVE_SIZES = (
 
 def _load_pretrained(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     config = _load_config(path)
+    tensors = stored_tensors(path)
+    if tensors is not None:
+        check_shapes(path, config, tensors)
     model = _load_weights(path, config, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

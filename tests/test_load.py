@@ -1,6 +1,7 @@
 import base64
 import hashlib
 import importlib.metadata
+import json
 import shutil
 import time
 from pathlib import Path
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from fxflatten import load as load_module
+from fxflatten import shards
 from fxflatten.errors import FxflattenError
 from fxflatten.load import default_gguf, gguf_cache_dir, load_model
 from tests.checkpoints import byte_tokenizer, tiny_llama
@@ -237,3 +240,39 @@ def test_cached_default_model_equals_transformers_own_gguf_load(default_model):
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     torch.testing.assert_close(logits(model, tokenizer), logits(direct, tokenizer), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gpt2"])
+def test_the_shard_map_holds_every_saved_tensor_with_its_shape_and_dtype(family, tmp_path):
+    """Read from headers alone, the map agrees with what was saved, across shards and in bf16,
+    and the config's own shapes pass the check (GPT-2's Conv1D weights, its unprefixed names)."""
+    from tests.models import build
+
+    model = build(family).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    tensors = shards.stored_tensors(tmp_path)
+    assert len({tensor.file for tensor in tensors.values()}) > 1
+    saved = {key: value for file in {t.file for t in tensors.values()} for key, value in load_file(file).items()}
+    assert {key: (t.shape, t.dtype) for key, t in tensors.items()} == {
+        key: (tuple(value.shape), "BF16") for key, value in saved.items()}
+    shards.check_shapes(tmp_path, transformers.AutoConfig.from_pretrained(tmp_path), tensors)
+
+
+def test_the_shard_map_is_none_for_a_checkpoint_without_safetensors(tmp_path):
+    tiny_llama().save_pretrained(tmp_path, safe_serialization=False) if "safe_serialization" in str(
+        transformers.PreTrainedModel.save_pretrained.__doc__) else torch.save({}, tmp_path / "pytorch_model.bin")
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    assert shards.stored_tensors(tmp_path) is None
+
+
+def test_an_index_placing_a_tensor_in_the_wrong_shard_is_refused(tmp_path):
+    tiny_llama().save_pretrained(tmp_path, max_shard_size="100KB")
+    index = tmp_path / shards.INDEX
+    content = json.loads(index.read_text())
+    key = sorted(content["weight_map"])[0]
+    files = sorted(set(content["weight_map"].values()))
+    content["weight_map"][key] = next(f for f in files if f != content["weight_map"][key])
+    index.write_text(json.dumps(content))
+    with pytest.raises(FxflattenError, match=f"puts {key} in .*, which does not hold it"):
+        shards.stored_tensors(tmp_path)

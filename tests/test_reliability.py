@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fxflatten import capture, compress, load_model
@@ -128,6 +128,29 @@ def config_for_other_weights(tmp_path: Path, tiny_llama_dir: Path) -> Path:
     return model
 
 
+def sharded(tmp_path: Path) -> Path:
+    """The tiny Llama saved in several shards with their index."""
+    model = save_model(tiny_llama(), tmp_path / "sharded")
+    tiny_llama().save_pretrained(model, max_shard_size="100KB")
+    (model / "model.safetensors").unlink(missing_ok=True)
+    return model
+
+
+def index_naming_a_missing_shard(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    model = sharded(tmp_path)
+    (model / "model-00002-of-00002.safetensors").unlink()
+    return model
+
+
+def shard_of_the_wrong_shape(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    model = sharded(tmp_path)
+    shard = model / "model-00002-of-00002.safetensors"
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    save_file(tensors | {name: tensors[name][..., :-1].contiguous()}, shard, metadata={"format": "pt"})
+    return model
+
+
 def missing(tmp_path: Path, tiny_llama_dir: Path) -> Path:
     return tmp_path / "nothing-here"
 
@@ -136,6 +159,8 @@ def missing(tmp_path: Path, tiny_llama_dir: Path) -> Path:
     (missing, "no such file or directory"),
     (not_a_model, "has no config.json"),
     (truncated_safetensors, "truncated or corrupt"),
+    (index_naming_a_missing_shard, "model.safetensors.index.json names model-00002-of-00002.safetensors, which is not in"),
+    (shard_of_the_wrong_shape, "has shape [257, 31] but"),
     (config_for_other_weights, "does not match config.json: 9 missing tensors"),
     (garbage_gguf, "cannot read this GGUF file"),
     (truncated_gguf, "cannot read this GGUF file"),
