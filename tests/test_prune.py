@@ -2,6 +2,7 @@
 keeping everything, the right shapes when pruning, refits toward the original model."""
 
 import gc
+import shutil
 import tempfile
 import weakref
 
@@ -110,6 +111,34 @@ def test_reference_keeps_its_stream_and_targets_on_disk():
                 torch.testing.assert_close(reference.target(index, f"mlp-in-{j}"), seen[mlp_ins[j]][index], rtol=0, atol=0)
         directory = spill.directory
     assert not directory.exists()
+
+
+@pytest.mark.parametrize("target,groups", [("trajectory", [[1, 2, 3]]), ("trajectory", [[1, 2]]), ("widened", [[1, 2]])])
+def test_the_spill_estimate_is_what_the_pass_keeps_on_disk(monkeypatch, target, groups):
+    """What the free-space check asks for bounds the bytes spilled at once, and is no more than that."""
+    held, peak = {}, [0]
+    put = Spill.put
+
+    def record(self, key, tensor):
+        held[key] = tensor.nbytes
+        peak[0] = max(peak[0], sum(held.values()))
+        put(self, key, tensor)
+
+    monkeypatch.setattr(Spill, "put", record)
+    asked = []
+    monkeypatch.setattr(prune_pass, "check_free_space", asked.append)
+    graph = capture(build("llama", Shape(layers=5)))
+    compress(graph, calib=CALIB, groups=groups, config=PruneConfig(target=target))
+    assert asked == [peak[0]]
+
+
+def test_too_little_room_for_the_spill_is_refused_before_anything_is_spilled(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    graph = capture(build("llama", Shape(layers=4)))
+    with pytest.raises(FxflattenError, match=f"spills about .* to {tmp_path} \\(TMPDIR\\), which has 0.00 GiB free"):
+        compress(graph, calib=CALIB, groups=[[1, 2]])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_prune_removes_its_spill_even_when_it_fails(tmp_path, monkeypatch):

@@ -230,6 +230,19 @@ def test_too_short_a_calibration_text_says_how_much_is_needed(tiny_llama_dir, tm
     assert "need 128 tokens but the text has 100" in line
 
 
+def test_too_little_room_for_the_spill_is_a_one_line_error_naming_tmpdir(tiny_llama_dir, tmp_path, texts, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    assert main(compress_args(tiny_llama_dir, out, texts)) == 2
+    line = one_line_error(capsys)
+    assert f"to {tmp_path / 'tmp'} (TMPDIR), which has 0.00 GiB free; point TMPDIR at a disk with more room" in line
+    assert not out.exists() and partial_dirs(tmp_path, "out") == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["compress", "flatten"])
 def test_an_existing_output_is_refused_without_force_before_loading(command, tmp_path, texts, capsys):
     out = tmp_path / "out"

@@ -49,7 +49,7 @@ from fxflatten.passes.refit import Moments, accumulate, head_groups, refit_outpu
 from fxflatten.passes.rescale import rescale_constants
 from fxflatten.plans import BlockPlan, PruneConfig
 from fxflatten.run.runner import SegmentRunner, batches_of, segments
-from fxflatten.run.spill import Spill, SpilledStream, release_free_memory
+from fxflatten.run.spill import Spill, SpilledStream, check_free_space, release_free_memory
 
 
 @dataclass
@@ -151,9 +151,11 @@ class PrunePass(GraphPass):
 
     def requires(self, graph_module: GraphModule) -> None:
         """One plan per block, a reference graph where the target needs one, and every block to
-        prune fused to one attention and one MLP branch with planned widths it can be pruned to."""
+        prune fused to one attention and one MLP branch with planned widths it can be pruned to; and
+        room in TMPDIR for what the pass spills."""
         super().requires(graph_module)
-        blocks = self.record_input(graph_module).blocks
+        block_map = self.record_input(graph_module)
+        blocks = block_map.blocks
         if len(self.plans) != len(blocks):
             raise FxflattenError(f"{len(self.plans)} block plans for a graph of {len(blocks)} blocks: "
                                  "give one BlockPlan per block (BlockPlan(None, None) leaves a block as it is)")
@@ -163,6 +165,20 @@ class PrunePass(GraphPass):
         for block, plan in zip(blocks, self.plans):
             if plan.kv_heads is not None or plan.width is not None:
                 check_prunable(block, plan, self.refits_inputs(plan))
+        check_free_space(self.spill_bytes(block_map.hidden_size, self.windows.numel()))
+
+    def spill_bytes(self, hidden: int, tokens: int) -> int:
+        """Bytes the pass keeps on disk at once, for ``tokens`` calibration tokens (float32 streams;
+        half that for a model run in bf16 or float16).
+
+        Per token: the compressed stream; with a reference, its own stream and the attention
+        target; with input refits, the streams entering each origin block's attention and MLP
+        of the widest merged block. Each is overwritten in place, block after block.
+        """
+        copies = 1
+        if self.config.target != "widened":
+            copies += 2 + max((2 * len(plan.origin) for plan in self.plans if self.refits_inputs(plan)), default=0)
+        return copies * tokens * hidden * torch.float32.itemsize
 
     def ensures(self, graph_module: GraphModule) -> None:
         """The pruned graph runs, and each block has its planned KV heads and MLP width."""

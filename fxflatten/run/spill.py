@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from fxflatten.errors import FxflattenError
 from fxflatten.run.runner import SegmentRunner
 
 
@@ -42,6 +44,21 @@ class Spill:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_free_space(needed: int) -> None:
+    """Refuse to start a pass whose spill (``needed`` bytes) would not fit where :class:`Spill` writes it.
+
+    A spill that fills the disk fails deep into a run, after the hours it took to get there,
+    and may take the user's other work down with it; the space is known before the pass starts.
+    """
+    directory = tempfile.gettempdir()
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise FxflattenError(
+            f"pruning spills about {needed / 2**30:.2f} GiB of activations to {directory} (TMPDIR), which has "
+            f"{free / 2**30:.2f} GiB free; point TMPDIR at a disk with more room, or pass fewer --samples "
+            "or a shorter --seq-len")
 
 
 class SpilledStream(Sequence[torch.Tensor]):
