@@ -243,6 +243,30 @@ def test_too_little_room_for_the_spill_is_a_one_line_error_naming_tmpdir(tiny_ll
     assert not out.exists() and partial_dirs(tmp_path, "out") == [] and list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")])
+def test_running_out_of_memory_names_the_stage_and_what_to_shrink(error, tiny_llama_dir, tmp_path, texts, capsys,
+                                                                  monkeypatch):
+    def exhausted(self, graph_module):
+        raise error
+
+    monkeypatch.setattr("fxflatten.passes.prune.PrunePass.call", exhausted)
+    out = tmp_path / "out"
+    assert main(compress_args(tiny_llama_dir, out, texts)) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"fxflatten: error: out of memory during prune ({str(error).splitlines()[0]}); pass fewer --samples")
+    assert not out.exists() and partial_dirs(tmp_path, "out") == []
+
+
+def test_other_runtime_errors_keep_their_traceback(tiny_llama_dir, tmp_path, texts, monkeypatch):
+    def broken(self, graph_module):
+        raise RuntimeError("shape mismatch in a pass")
+
+    monkeypatch.setattr("fxflatten.passes.prune.PrunePass.call", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch in a pass"):
+        main(compress_args(tiny_llama_dir, tmp_path / "out", texts))
+
+
 @pytest.mark.parametrize("command", ["compress", "flatten"])
 def test_an_existing_output_is_refused_without_force_before_loading(command, tmp_path, texts, capsys):
     out = tmp_path / "out"

@@ -1,5 +1,5 @@
 """Time and peak memory of each step of a run (load, select, flatten, prune, ...), for the
-report and the closing table."""
+report and the closing table; a step that runs out of memory is named in a one-line error."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psutil
+import torch
 
+from fxflatten.errors import FxflattenError
 from fxflatten.tables import format_table
 
 
@@ -28,7 +30,8 @@ class Profiler:
     """Records each ``with profiler("name"):`` block's wall time and the process's peak RSS in it.
 
     RSS is sampled every 20 ms on a background thread: the peak of the whole process while the
-    step ran, which is what decides whether a run fits in memory.
+    step ran, which is what decides whether a run fits in memory. Running out of device or host
+    memory in a step raises :class:`FxflattenError` naming the step and what to shrink.
     """
 
     done: list[Step] = field(default_factory=list)
@@ -48,6 +51,12 @@ class Profiler:
         start = time.perf_counter()
         try:
             yield
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not out_of_memory(error):
+                raise
+            raise FxflattenError(
+                f"out of memory during {name} ({str(error).splitlines()[0][:160]}); pass fewer --samples or a shorter "
+                "--seq-len, or run where there is more memory (--device cpu or another GPU)") from error
         finally:
             stop.set()
             thread.join()
@@ -59,3 +68,9 @@ class Profiler:
 
     def table(self) -> str:
         return format_table(["step", "seconds", "peak RSS MiB"], [[s.name, s.seconds, s.peak_rss_mib] for s in self.done])
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failing: CUDA's OutOfMemoryError, or the CPU allocator's
+    RuntimeError (a failed host allocation that the kernel refused rather than killing us)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
