@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from fxflatten.errors import FxflattenError
 from fxflatten.shards import check_shapes, stored_tensors
+from fxflatten.stream import skeleton
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +41,21 @@ _MIB = 1 << 20
 
 
 def load_model(
-    spec: str | os.PathLike = "default", dtype: torch.dtype = torch.float32
+    spec: str | os.PathLike = "default", dtype: torch.dtype = torch.float32, *, stream: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load ``spec`` ("default", a .gguf file or an HF model directory) as ``(model, tokenizer)``.
 
     The model comes back in eval mode, in ``dtype``. Its config is left as saved (in particular
-    ``use_cache``); the code that runs the model decides about caching.
+    ``use_cache``); the code that runs the model decides about caching. With ``stream`` no weight
+    is read: the model is a skeleton (:func:`fxflatten.stream.skeleton`) whose captured graph
+    reads each weight from the safetensors files when it is used, on ``device``; a GGUF file
+    streams from its dequantized cache.
     """
     path = default_gguf() if spec == "default" else Path(spec).expanduser()
+    stream_to = torch.device(device) if stream else None
     try:
-        return _load_path(path, dtype)
+        return _load_path(path, dtype, stream_to)
     except PermissionError as e:  # unreadable model, or an unwritable GGUF cache
         raise FxflattenError(
             f"{e.filename or path}: permission denied; make the model readable (and "
@@ -57,7 +63,7 @@ def load_model(
         ) from e
 
 
-def _load_path(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_path(path: Path, dtype: torch.dtype, stream_to: torch.device | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     if not path.exists():
         raise FxflattenError(
             f"{path}: no such file or directory; pass 'default', a Hugging Face model directory "
@@ -69,9 +75,9 @@ def _load_path(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTok
                 f"{path}: directory has no config.json; pass a Hugging Face model directory "
                 "(one written by save_pretrained) or a .gguf file"
             )
-        return _load_pretrained(path, dtype)
+        return _load_pretrained(path, dtype, stream_to)
     if path.suffix.lower() == ".gguf":
-        return _load_gguf(path, dtype)
+        return _load_gguf(path, dtype, stream_to)
     raise FxflattenError(
         f"{path}: unsupported file type; pass a .gguf file or a Hugging Face model directory"
     )
@@ -133,14 +139,14 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{size}-{digest.hexdigest()[:16]}"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_gguf(path: Path, dtype: torch.dtype, stream_to: torch.device | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     cache = gguf_cache_dir(path)
     if cache.is_dir():
         log.info("loading %s from its cache %s", path.name, cache)
     else:
         _write_gguf_cache(path, cache)
     # The cache is loaded even right after writing it, so the first and later loads agree.
-    return _load_pretrained(cache, dtype)
+    return _load_pretrained(cache, dtype, stream_to)
 
 
 def _write_gguf_cache(path: Path, cache: Path) -> None:
@@ -211,12 +217,13 @@ POSITIVE_SIZES = (
 )
 
 
-def _load_pretrained(path: Path, dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_pretrained(path: Path, dtype: torch.dtype, stream_to: torch.device | None
+                     ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     config = _load_config(path)
     tensors = stored_tensors(path)
     if tensors is not None:
         check_shapes(path, config, tensors)
-    model = _load_weights(path, config, dtype)
+    model = skeleton(path, config, dtype, stream_to) if stream_to is not None else _load_weights(path, config, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a user's file meets third-party readers here; see _load_weights

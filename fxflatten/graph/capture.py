@@ -19,6 +19,8 @@ from torch.export import Dim
 
 from fxflatten.device import device_of
 from fxflatten.errors import FxflattenError
+from fxflatten.stream import bind_checkpoint, checkpoint_of
+from fxflatten.weights import STORE, bind, standins
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,21 @@ def capture(model: nn.Module, *, batch: int = 2, seq_len: int = 16) -> torch.fx.
     Batch and sequence length are dynamic; the example used for tracing has ``batch`` rows of
     ``seq_len`` random tokens. The model is neither modified nor copied: the graph's parameters
     are the model's own tensors, so passes that rewrite weights must replace them, not edit
-    them in place.
+    them in place. A model from ``load_model(..., stream=True)`` is captured without reading its
+    weights, and the graph streams them from the checkpoint (:mod:`fxflatten.stream`).
     """
     if model.training:
         raise FxflattenError("the model is in training mode: call model.eval() before capture")
-    args = example_inputs(model, batch, seq_len)
-    graph_module = export_logits(LogitsOnly(model).eval(), args, max(max_positions_of(model), seq_len), type(model).__name__).module()
+    checkpoint = checkpoint_of(model)
+    if checkpoint is None and any(p.is_meta for p in model.parameters()):
+        raise FxflattenError("the model has weights on the meta device: load them first, or load the model with "
+                             "load_model(..., stream=True) to stream them from its checkpoint")
+    with standins(model, checkpoint.device if checkpoint else device_of(model)) as originals:
+        args = example_inputs(model, batch, seq_len)
+        graph_module = export_logits(LogitsOnly(model).eval(), args, max(max_positions_of(model), seq_len),
+                                     type(model).__name__).module()
+    if checkpoint is not None:
+        bind_checkpoint(graph_module, model, originals)
     graph_module.meta[MAX_LEN] = max(max_positions_of(model), seq_len)
     log.info("captured %s: %d graph nodes", type(model).__name__, len(graph_module.graph.nodes))
     return graph_module
@@ -112,10 +123,15 @@ def recapture(graph_module: torch.fx.GraphModule, *, batch: int = 2, seq_len: in
 
     Passes that change shapes leave stale shape metadata on the nodes they touch; exporting the
     result anew recomputes every node's metadata and fails loudly if the rewrite is inconsistent.
+    Streamed weights are exported as stand-ins and put back, never read.
     """
-    program = to_program(graph_module, batch, seq_len)
+    with standins(graph_module, device_of(graph_module)) as originals:
+        program = to_program(graph_module, batch, seq_len)
     rewritten = program.module()
-    rewritten.meta[MAX_LEN] = graph_module.meta[MAX_LEN]
+    bind(rewritten, originals)
+    for key in (MAX_LEN, STORE):
+        if key in graph_module.meta:
+            rewritten.meta[key] = graph_module.meta[key]
     return rewritten
 
 

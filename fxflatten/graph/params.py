@@ -11,6 +11,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxflatten.graph.layout import Linear
+from fxflatten.weights import STORE
 
 
 def get_tensor(gm: GraphModule, target: str) -> torch.Tensor:
@@ -22,14 +23,20 @@ def get_tensor(gm: GraphModule, target: str) -> torch.Tensor:
 
 
 def set_tensor(gm: GraphModule, target: str, value: torch.Tensor) -> None:
-    """Install ``value`` as a fresh parameter at ``target`` (creating parent modules if needed)."""
+    """Install ``value`` as a fresh parameter at ``target`` (creating parent modules if needed).
+
+    In a streamed graph the value goes to the graph's scratch store on disk and is installed
+    as a streamed tensor, so rewritten weights do not accumulate in memory.
+    """
     *path, leaf = target.split(".")
     owner = gm
     for part in path:
         if not hasattr(owner, part):
             owner.add_module(part, nn.Module())
         owner = getattr(owner, part)
-    setattr(owner, leaf, nn.Parameter(value.detach().clone(), requires_grad=False))
+    store = gm.meta.get(STORE)
+    value = store.put(value) if store is not None else value.detach().clone()
+    setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
 
 
 def weight(gm: GraphModule, linear: Linear) -> torch.Tensor:

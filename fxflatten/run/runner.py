@@ -7,11 +7,13 @@ not depend on a block), one segment per block (the nodes between the stream valu
 and the stream value leaving it), and an epilogue (final norm, head). Segments run node by node
 over every calibration batch; between segments only the values later segments read survive.
 A pass over a whole model can keep even the stream on disk between blocks
-(:class:`fxflatten.run.spill.SpilledStream`).
+(:class:`fxflatten.run.spill.SpilledStream`), and the weights of a streamed graph are read once
+per segment, not once per batch (:class:`ResidentWeights`).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from fxflatten.graph.discovery import block_boundaries
 from fxflatten.graph.fx import to_digraph
 from fxflatten.graph.layout import Block, BlockMap
 from fxflatten.graph.params import get_tensor
+from fxflatten.weights import StreamedTensor
 
 #: Called with (node, value) for watched nodes as a segment runs.
 Observer = Callable[[Node, torch.Tensor], None]
@@ -80,6 +83,7 @@ class SegmentRunner:
         for source in self.output.all_input_nodes:
             self.last_use[source.name] = len(parts)
         self.position = position
+        self.weights = ResidentWeights(max((streamed_bytes(gm, part.nodes) for part in parts), default=0))
 
     def start(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, object]]:
         """One environment per batch holding the graph's inputs."""
@@ -125,7 +129,7 @@ class SegmentRunner:
         """
         def value(arg: Node) -> object:
             if arg.op == "get_attr":
-                return get_tensor(self.gm, arg.target)
+                return self.weights.get(arg.target, get_tensor(self.gm, arg.target))
             return env[arg.name]
 
         members = {node.name for node in nodes}
@@ -157,6 +161,50 @@ class SegmentRunner:
         """The graph's output for each batch, once the epilogue has run."""
         for env in envs:
             yield map_arg(self.output.args[0], lambda arg: env[arg.name])
+
+
+class ResidentWeights:
+    """The streamed weights read most recently, kept while they fit in ``budget`` bytes.
+
+    A segment runs batch after batch, and a streamed weight would otherwise be read from disk
+    for every batch. The budget is the largest segment's streamed weights: a block's weights
+    stay while its batches run, and give way to the next block's. A weight a pass has replaced
+    since is a different tensor, and is read anew.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.size = 0
+
+    def get(self, target: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, StreamedTensor):
+            return tensor
+        held = self.held.get(target)
+        if held is not None and held[0] is tensor:
+            self.held.move_to_end(target)
+            return held[1]
+        if held is not None:
+            self._forget(target)
+        value = tensor.materialize()
+        nbytes = value.untyped_storage().nbytes()
+        while self.held and self.size + nbytes > self.budget:
+            self._forget(next(iter(self.held)))
+        if nbytes <= self.budget:
+            self.held[target] = (tensor, value)
+            self.size += nbytes
+        return value
+
+    def _forget(self, target: str) -> None:
+        _, value = self.held.pop(target)
+        self.size -= value.untyped_storage().nbytes()
+
+
+def streamed_bytes(gm: GraphModule, nodes: list[Node]) -> int:
+    """Bytes of the streamed weights ``nodes`` read."""
+    targets = {arg.target for node in nodes for arg in node.all_input_nodes if arg.op == "get_attr"}
+    tensors = [get_tensor(gm, target) for target in targets]
+    return sum(t.numel() * t.dtype.itemsize for t in tensors if isinstance(t, StreamedTensor))
 
 
 def share_equal_values(first: dict[str, object], env: dict[str, object]) -> None:
