@@ -63,13 +63,17 @@ def load_and_capture(args: argparse.Namespace, profiler: Profiler
     device = resolve_device(args.device)
     dtype = compute_dtype(args.dtype, device, saved_dtype(args.model))
     log.info("running on %s in %s", device, str(dtype).removeprefix("torch."))
+    stream = getattr(args, "stream", False)
     with profiler("load"):
-        model, tokenizer = load_model(args.model, dtype)
-        model.to(device)
-        check_parameters_finite(model)
+        model, tokenizer = load_model(args.model, dtype, stream=stream, device=device)
+        if not stream:
+            model.to(device)
+            check_parameters_finite(model)
         calib = calibration_windows(tokenizer, args.calib, args.samples, args.seq_len).to(device)
     with profiler("capture"):
         graph = capture(model)
+        if stream:
+            check_parameters_finite(graph)  # one weight in memory at a time
         block_map = discover_blocks(graph)
     return model, tokenizer, calib, graph, block_map
 
@@ -122,6 +126,7 @@ def run_compress(args: argparse.Namespace) -> None:
     """fxflatten compress: select, flatten, fold, fuse, prune back, evaluate and save."""
     from fxflatten.export.hf import check_same_logits, to_pretrained
     from fxflatten.export.onnx import ONNX_FILE, to_onnx
+    from fxflatten.export.sharded import write_checkpoint
     from fxflatten.pipeline import compress
     from fxflatten.plans import PruneConfig
 
@@ -129,6 +134,12 @@ def run_compress(args: argparse.Namespace) -> None:
     check_output(out, args.force)
     check_ratio(args.ratio)
     check_flatten_share(args.flatten_share, args.ratio)
+    if args.stream and args.onnx:
+        raise FxflattenError("--onnx exports the whole model in memory, which --stream avoids: compress with --stream, "
+                             "then run `fxflatten export OUT --out DIR` on the written checkpoint")
+    if args.stream and (args.flatten_share is not None or args.width != 1.0):
+        raise FxflattenError("--width and --flatten-share give blocks of other shapes, saved as a torch.export program "
+                             "that holds every weight in memory: run them without --stream")
     if args.onnx and resolve_device(args.device).type != "cpu":
         raise FxflattenError("--onnx exports and checks the graph in ONNX Runtime on the CPU: compress on the GPU "
                              "without it, then run `fxflatten export OUT --out DIR` on the written checkpoint")
@@ -153,6 +164,7 @@ def run_compress(args: argparse.Namespace) -> None:
         "calibration": {"windows": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
         "device": str(calib.device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "stream": args.stream,
         "select": args.select,
         "flatten_share": args.flatten_share,
         "prune": {"config": vars(config), "width": args.width, "blocks": result.prune.blocks},
@@ -163,7 +175,10 @@ def run_compress(args: argparse.Namespace) -> None:
             pretrained = to_pretrained(result.graph, model, block_map)
             report["hf_logit_difference"] = check_same_logits(result.graph, pretrained)
             # Computed in --dtype; written in the source's own (bf16 in, bf16 out).
-            pretrained.to(saved_dtype(args.model)).save_pretrained(tmp)
+            if args.stream:
+                write_checkpoint(pretrained, tmp, saved_dtype(args.model), progress=True)
+            else:
+                pretrained.to(saved_dtype(args.model)).save_pretrained(tmp)
             report["format"] = "huggingface"
         except FxflattenError as error:
             log.warning("%s; saving a torch.export program instead", error)

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--target", choices=["trajectory", "serial", "widened"], default="trajectory", help="refit target: the original model's own stream at that depth (default), the original blocks' serial output on the same input, or the widened block's output (the paper)")
     compress.add_argument("--no-input-refit", dest="input_refit", action="store_false", help="do not refit a merged block's q/k/v and gate/up toward the inputs the original blocks see (faster, worse: the default refits them with a serial or trajectory target)")
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
+    compress.add_argument("--stream", action="store_true", help="keep the weights in the checkpoint's safetensors files and read each block's when it is used, for models larger than memory; writes the checkpoint tensor by tensor, in shards")
     compress.add_argument("--onnx", action="store_true", help="also write model.onnx (logits form, checked in ONNX Runtime) into --out")
     add_data_arguments(compress)
     compress.set_defaults(run="run_compress")
