@@ -38,6 +38,8 @@ def check_parameters_finite(module: nn.Module) -> None:
     Parameter names carry the layer index (``model.layers.7.mlp.down_proj.weight``), which is
     the block a user has to look at.
     """
+    from fxflatten.weights import resident  # weights reports its own errors with FxflattenError
+
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_floating_point():
-            check_finite(tensor.detach(), f"weight {name}")
+            check_finite(resident(tensor.detach()), f"weight {name}")

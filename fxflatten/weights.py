@@ -152,7 +152,16 @@ class StreamedTensor(torch.Tensor):
         if func is torch.ops.aten.detach.default or func is torch.ops.aten.alias.default:
             (tensor,) = args
             return StreamedTensor(tensor.source, tensor.dtype, tensor.device)
-        args, kwargs = tree_map_only(StreamedTensor, StreamedTensor.materialize, (args, kwargs or {}))
+        # One read per tensor, however often it appears (``eq(t, t)``, which ``isfinite`` becomes).
+        read: dict[int, torch.Tensor] = {}
+
+        def materialize(tensor: StreamedTensor) -> torch.Tensor:
+            if id(tensor) not in read:
+                read[id(tensor)] = tensor.materialize()
+            return read[id(tensor)]
+
+        args, kwargs = tree_map_only(StreamedTensor, materialize, (args, kwargs or {}))
+        read.clear()
         return func(*args, **kwargs)
 
     def __deepcopy__(self, memo) -> StreamedTensor:
@@ -227,3 +236,12 @@ def bind(graph: GraphModule, originals: dict[int, nn.Parameter]) -> None:
         for leaf, param in list(owner._parameters.items()):
             if param is not None and id(param) in originals:
                 owner._parameters[leaf] = originals[id(param)]
+
+
+def resident(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with its values in memory: a streamed one is read once, for several ops to use.
+
+    Each op on a :class:`StreamedTensor` reads it anew, and an op the dispatcher decomposes
+    (``isfinite`` into ``eq``, ``abs`` and ``ne``) reads it once per part.
+    """
+    return tensor.materialize() if isinstance(tensor, StreamedTensor) else tensor

@@ -301,6 +301,7 @@ class PrunePass(GraphPass):
                 t = observed(step.runner, normalise, env, x_node.name, origin_input)
                 crosses[j] = accumulate(crosses[j], x.T @ t)
         check_finite(gram, f"{key} statistics")
+        step.runner.weights.clear()  # streamed weights held for the runs give way to the solve
         return [ridge_solve(gram, cross, step.config.fit_ridge)[0].float() for cross in crosses]
 
     def prune_attention(self, step: BlockStep) -> None:
@@ -317,6 +318,7 @@ class PrunePass(GraphPass):
             step.runner.run_nodes(step.attention, scratch,
                                   {x_node.name: lambda node, value, target=target: moments.add(value, target)})
         moments.check(f"block {step.block.index}: attention statistics")
+        step.runner.weights.clear()  # streamed weights held for the runs give way to the solve
         w = weight(step.gm, layout.o)
         moments.default_target(step.gm, layout.o)
         groups = head_groups(layout, layout.num_kv_heads, w.device)
@@ -354,6 +356,7 @@ class PrunePass(GraphPass):
                 moments.add(value, None if target is None else target - scratch[branch.stream_in])
             step.runner.run_nodes(step.rest, scratch, {x_node.name: observe})
         moments.check(f"block {step.block.index}: MLP statistics")
+        step.runner.weights.clear()  # streamed weights held for the runs give way to the solve
         moments.default_target(step.gm, layout.down)
         channels = layout.width
         if config.channel_score == "leverage":

@@ -69,6 +69,7 @@ class Reference:
                 seed = streams
                 self.next_block = origin[0]
             self.advance(origin, seed, inputs)
+            self.runner.weights.clear()
             return
         for index, (stream, env, side) in enumerate(zip(streams, self.envs, self.side)):
             env[self.boundaries[origin[0]]] = stream
@@ -76,6 +77,7 @@ class Reference:
             for name in list(env):
                 if name not in side:
                     del env[name]
+        self.runner.weights.clear()
 
     def advance(self, origin: tuple[int, ...], seed: Sequence[torch.Tensor] | None = None, inputs: bool = False) -> None:
         """Run the original model on its own stream (or ``seed``) up to the end of ``origin``."""

@@ -195,6 +195,11 @@ class ResidentWeights:
             self.size += nbytes
         return value
 
+    def clear(self) -> None:
+        """Forget every weight held: a pass calls this before it solves, when its runs are done."""
+        self.held.clear()
+        self.size = 0
+
     def _forget(self, target: str) -> None:
         _, value = self.held.pop(target)
         self.size -= value.untyped_storage().nbytes()
