@@ -14,6 +14,8 @@ agreement check), then ``python -m benchmarks.gpu`` where a CUDA GPU is visible 
 2. A randomly initialised Llama-2-7B-shaped model in bf16, compressed on CUDA in bf16 (the
    checkpoint's own dtype, what ``--dtype auto`` picks on a GPU): time of each step and the
    most GPU memory allocated.
+3. The same shape written to disk as a bf16 checkpoint (13 GB) and compressed on CUDA with its
+   weights streamed from the files (``--stream``): time, GPU memory and host RSS at the most.
 
 Each part writes ``results/gpu.{md,json}`` as it finishes (parts not rerun keep their earlier
 results), so a run cut short keeps what it measured.
@@ -25,19 +27,23 @@ import argparse
 import json
 import logging
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 
 from benchmarks.common import RESULTS, write_results
+from benchmarks.scale import write_checkpoint
 from fxflatten import capture
 from fxflatten.eval.perplexity import perplexity
 from fxflatten.graph.capture import graph_example_inputs
 from fxflatten.graph.discovery import discover_blocks
 from fxflatten.pipeline import compress
 from fxflatten.run.profiler import Profiler
+from fxflatten.stream import skeleton
 from fxflatten.tables import format_table
 
 log = logging.getLogger(__name__)
@@ -127,25 +133,54 @@ def agreement(args: argparse.Namespace) -> dict:
             "logits_relative_difference": float((got - expected).norm() / expected.norm())}
 
 
+def timed_compress(model: torch.nn.Module, calib: torch.Tensor, args: argparse.Namespace, device: str) -> dict:
+    """Capture and compress ``model`` timing each step: what the large-model parts report."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    profiler = Profiler()
+    start = time.perf_counter()
+    with profiler("capture"):
+        dense = capture(model)
+    result = compress(dense, args.ratio, calib, profiler=profiler)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"dtype": "bfloat16", "calibration": list(calib.shape), "ratio": args.ratio, "groups": result.groups,
+            "layers_after": len(discover_blocks(result.graph).blocks), "seconds": seconds, "steps": profiler.as_dict(),
+            "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+
+
 def large(args: argparse.Namespace) -> dict:
     """A random Llama-2-7B-shaped model, bf16 on CUDA: time per step and the GPU memory peak."""
     shape = dict(LLAMA2_7B, num_hidden_layers=args.layers)
     model = random_llama(shape, torch.bfloat16, "cuda")
     parameters = sum(p.numel() for p in model.parameters())
     calib = random_windows(shape["vocab_size"], args.large_samples, args.large_seq_len, 0).cuda()
-    torch.cuda.reset_peak_memory_stats()
-    profiler = Profiler()
-    start = time.perf_counter()
-    with profiler("capture"):
-        dense = capture(model)
-    result = compress(dense, args.ratio, calib, profiler=profiler)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {"shape": shape, "parameters": parameters, "dtype": "bfloat16", "calibration": list(calib.shape),
-            "ratio": args.ratio, "groups": result.groups, "layers_after": len(discover_blocks(result.graph).blocks),
-            "seconds": seconds, "steps": profiler.as_dict(),
-            "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+    return {"shape": shape, "parameters": parameters, **timed_compress(model, calib, args, "cuda"),
             "weights_gib": parameters * 2 / 2**30}
+
+
+def streamed(args: argparse.Namespace) -> dict:
+    """The 7B-shaped model written to disk as bf16 safetensors and compressed on CUDA with its
+    weights streamed from there (``--stream``): time per step, GPU memory and host RSS at the most."""
+    shape = dict(LLAMA2_7B, num_hidden_layers=args.layers)
+    with tempfile.TemporaryDirectory(prefix="fxflatten-gpu-") as work:
+        path = Path(work) / "llama"
+        written = write_checkpoint(path, args.layers, None, shape)
+        model = skeleton(path, transformers.AutoConfig.from_pretrained(path), torch.bfloat16, torch.device(args.device))
+        calib = random_windows(shape["vocab_size"], args.large_samples, args.large_seq_len, 0).to(args.device)
+        run = timed_compress(model, calib, args, args.device)
+    return {"shape": shape, "parameters": written["parameters"], "checkpoint_gib": written["checkpoint_bytes"] / 2**30,
+            **run, "peak_rss_gib": max(step["peak_rss_mib"] for step in run["steps"].values()) / 1024}
+
+
+def steps_section(title: str, run: dict, memory_note: str) -> list[str]:
+    """A large-model part: its setting, the time and RSS of each step, total time and GPU memory."""
+    return [f"## {title}", "",
+            f"ratio {run['ratio']}, calibration {run['calibration'][0]} x {run['calibration'][1]} tokens; "
+            f"{run['shape']['num_hidden_layers']} -> {run['layers_after']} layers, groups {run['groups']}.", "",
+            "```", format_table(["step", "seconds", "peak RSS MiB"], [[k, v["seconds"], v["peak_rss_mib"]] for k, v in run["steps"].items()]),
+            "```", "", f"Total {run['seconds']:.1f} s; most GPU memory allocated {run['max_memory_allocated_gib']:.1f} GiB "
+            f"{memory_note}", ""]
 
 
 def render(data: dict) -> str:
@@ -165,19 +200,19 @@ def render(data: dict) -> str:
                   f"compressed logits: {a['logits_relative_difference']:.2e}.", ""]
     if "large" in data:
         b = data["large"]
-        lines += [f"## A random Llama-2-7B-shaped model ({b['parameters'] / 1e9:.2f} B parameters), bf16 on CUDA", "",
-                  f"ratio {b['ratio']}, calibration {b['calibration'][0]} x {b['calibration'][1]} tokens; "
-                  f"{b['shape']['num_hidden_layers']} -> {b['layers_after']} layers, groups {b['groups']}.", "",
-                  "```", format_table(["step", "seconds", "peak RSS MiB"], [[k, v["seconds"], v["peak_rss_mib"]] for k, v in b["steps"].items()]),
-                  "```", "", f"Total {b['seconds']:.1f} s; most GPU memory allocated {b['max_memory_allocated_gib']:.1f} GiB "
-                  f"(the weights alone: {b['weights_gib']:.1f} GiB).", ""]
+        lines += steps_section(f"A random Llama-2-7B-shaped model ({b['parameters'] / 1e9:.2f} B parameters), bf16 on CUDA", b,
+                               f"(the weights alone: {b['weights_gib']:.1f} GiB).")
+    if "streamed" in data:
+        c = data["streamed"]
+        lines += steps_section(f"The same shape streamed from a bf16 checkpoint ({c['checkpoint_gib']:.1f} GiB), on CUDA", c,
+                               f"(host RSS at most {c['peak_rss_gib']:.1f} GiB).")
     if "errors" in data:
         lines += ["## Parts that failed", ""] + [f"- {part}: {error}" for part, error in data["errors"].items()] + [""]
     return "\n".join(lines)
 
 
 REFERENCE = RESULTS / "gpu_cpu_reference.json"
-PARTS = {"agreement": agreement, "large": large}
+PARTS = {"agreement": agreement, "large": large, "streamed": streamed}
 
 
 def main() -> None:
@@ -190,7 +225,8 @@ def main() -> None:
     parser.add_argument("--large-samples", type=int, default=4)
     parser.add_argument("--large-seq-len", type=int, default=128)
     parser.add_argument("--cpu-reference", action="store_true", help=f"write the CPU side of the agreement check to {REFERENCE.name} (no GPU needed)")
-    parser.add_argument("--parts", nargs="*", default=["large", "agreement"], choices=PARTS)
+    parser.add_argument("--parts", nargs="*", default=["large", "streamed", "agreement"], choices=PARTS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # the streamed part's, for a CPU trial
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.cpu_reference:
