@@ -43,6 +43,7 @@ from fxflatten.graph.capture import graph_example_inputs
 from fxflatten.graph.discovery import discover_blocks
 from fxflatten.pipeline import compress
 from fxflatten.run.profiler import Profiler
+from fxflatten.shards import stored_tensors
 from fxflatten.stream import skeleton
 from fxflatten.tables import format_table
 
@@ -166,7 +167,8 @@ def streamed(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="fxflatten-gpu-") as work:
         path = Path(work) / "llama"
         written = write_checkpoint(path, args.layers, None, shape)
-        model = skeleton(path, transformers.AutoConfig.from_pretrained(path), torch.bfloat16, torch.device(args.device))
+        model = skeleton(path, stored_tensors(path), transformers.AutoConfig.from_pretrained(path), torch.bfloat16,
+                         torch.device(args.device))
         calib = random_windows(shape["vocab_size"], args.large_samples, args.large_seq_len, 0).to(args.device)
         run = timed_compress(model, calib, args, args.device)
     return {"shape": shape, "parameters": written["parameters"], "checkpoint_gib": written["checkpoint_bytes"] / 2**30,

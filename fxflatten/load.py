@@ -223,7 +223,7 @@ def _load_pretrained(path: Path, dtype: torch.dtype, stream_to: torch.device | N
     tensors = stored_tensors(path)
     if tensors is not None:
         check_shapes(path, config, tensors)
-    model = skeleton(path, config, dtype, stream_to) if stream_to is not None else _load_weights(path, config, dtype)
+    model = skeleton(path, tensors, config, dtype, stream_to) if stream_to is not None else _load_weights(path, config, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a user's file meets third-party readers here; see _load_weights

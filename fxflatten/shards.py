@@ -1,39 +1,39 @@
 """A Hugging Face checkpoint's safetensors files, read from their headers alone: which file
-holds each tensor, in what shape and dtype.
+holds each tensor, where in it, in what shape and dtype.
 
 Read before any weight is allocated, so that a checkpoint whose index names a missing file,
 or whose tensors do not have the shapes its config.json asks for, is refused in one line naming
 the file and the tensor: not after a long load, and not as transformers' multi-line load report.
-Headers are a few kilobytes per file, whatever the model's size.
+Headers are a few kilobytes per file, whatever the model's size. The same map tells a streamed
+model where to read each weight (:class:`fxflatten.weights.FileSlice`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from fxflatten.errors import FxflattenError
+from fxflatten.weights import FileSlice
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _REMEDY = "re-download the checkpoint or re-save it with save_pretrained"
 
+#: safetensors dtype names and the torch dtypes they hold.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where a checkpoint tensor lives and what its header says it is."""
 
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # the safetensors name: "BF16", "F32", ...
-
-
-def stored_tensors(path: Path) -> dict[str, StoredTensor] | None:
+def stored_tensors(path: Path) -> dict[str, FileSlice] | None:
     """Every tensor of the safetensors checkpoint in directory ``path``, by name; None for a
     checkpoint in another format (``pytorch_model.bin``), which transformers reads on its own."""
     index = path / INDEX
@@ -64,20 +64,35 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_header(file: Path) -> dict[str, StoredTensor]:
+def _read_header(file: Path) -> dict[str, FileSlice]:
+    """The tensors of one safetensors file: an 8-byte length, a JSON header, then the data."""
+    size = file.stat().st_size
     try:
-        with safe_open(file, framework="pt") as handle:
-            slices = {key: handle.get_slice(key) for key in handle.keys()}
-            return {key: StoredTensor(file, tuple(s.get_shape()), s.get_dtype()) for key, s in slices.items()}
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + length > size:
+                raise ValueError(f"a {length}-byte header in a {size}-byte file")
+            header = json.loads(handle.read(length))
+        slices = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            if entry["dtype"] not in DTYPES:
+                raise ValueError(f"{key} is stored as {entry['dtype']}, which fxflatten cannot read")
+            begin, end = entry["data_offsets"]
+            if 8 + length + end > size:
+                raise ValueError(f"{key} ends at byte {8 + length + end} of a {size}-byte file")
+            slices[key] = FileSlice(file, 8 + length + begin, tuple(entry["shape"]), DTYPES[entry["dtype"]])
+        return slices
     except PermissionError:
         raise  # load_model says what to do about an unreadable model
-    except Exception as error:  # safetensors reports a bad header as its own error type
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FxflattenError(f"{file}: cannot read this safetensors file ({reason}); it may be truncated or "
                              f"corrupt: {_REMEDY}") from error
 
 
-def check_shapes(path: Path, config: PretrainedConfig, tensors: dict[str, StoredTensor]) -> None:
+def check_shapes(path: Path, config: PretrainedConfig, tensors: dict[str, FileSlice]) -> None:
     """Refuse a checkpoint holding a tensor whose shape differs from what ``config`` builds.
 
     The model is built on the meta device (no memory) to learn the shapes. A checkpoint name

@@ -24,8 +24,7 @@ from torch.fx import GraphModule
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from fxflatten.errors import FxflattenError
-from fxflatten.shards import stored_tensors
-from fxflatten.weights import STORE, FileSlice, ScratchStore, StreamedTensor, safetensors_slices
+from fxflatten.weights import STORE, FileSlice, ScratchStore, StreamedTensor
 
 #: Attribute of a skeleton model holding its :class:`Checkpoint`.
 CHECKPOINT = "fxflatten_checkpoint"
@@ -33,9 +32,11 @@ CHECKPOINT = "fxflatten_checkpoint"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Where a skeleton's weights are, and the device and dtype its graph computes in."""
+    """Where a skeleton's weights are (each tensor by its checkpoint name), and the device and dtype
+    its graph computes in."""
 
     path: Path
+    tensors: dict[str, FileSlice]
     device: torch.device
     dtype: torch.dtype
 
@@ -57,10 +58,11 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def skeleton(path: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+def skeleton(path: Path, tensors: dict[str, FileSlice] | None, config: PretrainedConfig, dtype: torch.dtype,
+             device: torch.device) -> PreTrainedModel:
     """The model of ``config`` without weights (meta parameters, real buffers on ``device``),
-    remembering that its weights are in the safetensors checkpoint at ``path``."""
-    if stored_tensors(path) is None:
+    remembering that its weights are ``tensors`` (:func:`fxflatten.shards.stored_tensors` of ``path``)."""
+    if tensors is None:
         raise FxflattenError(f"{path}: --stream reads safetensors checkpoints; re-save this one with save_pretrained "
                              "(safe_serialization) or run without --stream")
     with parameters_on_meta():
@@ -69,7 +71,7 @@ def skeleton(path: Path, config: PretrainedConfig, dtype: torch.dtype, device: t
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
         module.register_buffer(leaf, buffer.to(device), persistent=leaf not in module._non_persistent_buffers_set)
-    setattr(model, CHECKPOINT, Checkpoint(path, device, dtype))
+    setattr(model, CHECKPOINT, Checkpoint(path, tensors, device, dtype))
     return model.eval()
 
 
@@ -87,10 +89,7 @@ def bind_checkpoint(graph: GraphModule, model: PreTrainedModel, originals: dict[
     say ``h.0...`` for ``transformer.h.0...``).
     """
     checkpoint = checkpoint_of(model)
-    stored = stored_tensors(checkpoint.path)
-    slices: dict[str, FileSlice] = {}
-    for file in sorted({tensor.file for tensor in stored.values()}):
-        slices |= safetensors_slices(file)
+    slices = checkpoint.tensors
     prefix = getattr(model, "base_model_prefix", "")
     names: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):

@@ -16,10 +16,8 @@ materialised at once, which tests and benchmarks read to prove the whole model n
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import struct
 import tempfile
 import threading
 import weakref
@@ -36,14 +34,6 @@ from fxflatten.errors import FxflattenError
 
 #: GraphModule.meta key of a streamed graph's :class:`ScratchStore`.
 STORE = "fxflatten_store"
-
-#: safetensors dtype names and the torch dtypes they hold.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 @dataclass
 class ResidentBytes:
@@ -107,25 +97,6 @@ class FileSlice:
         if not buffer:
             return torch.empty(self.shape, dtype=self.dtype)
         return torch.frombuffer(buffer, dtype=self.dtype).reshape(self.shape)
-
-
-def safetensors_slices(file: Path) -> dict[str, FileSlice]:
-    """Every tensor of a safetensors file, located from its header (the first 8 + n bytes)."""
-    with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    start = 8 + length
-    slices = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise FxflattenError(f"{file}: {key} is stored as {entry['dtype']}, which fxflatten cannot stream; "
-                                 "re-save the checkpoint in bf16, f16 or f32")
-        begin, _ = entry["data_offsets"]
-        slices[key] = FileSlice(file, start + begin, tuple(entry["shape"]), dtype)
-    return slices
 
 
 class StreamedTensor(torch.Tensor):

@@ -19,13 +19,12 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from fxflatten.shards import INDEX, SINGLE
+from fxflatten.shards import DTYPES, INDEX, SINGLE
 from fxflatten.weights import StreamedTensor
 
 #: Most bytes of tensor data per shard.
 SHARD_BYTES = 4 << 30
-_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def write_checkpoint(model: PreTrainedModel, directory: Path, dtype: torch.dtype, shard_bytes: int = SHARD_BYTES,
