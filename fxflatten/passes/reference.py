@@ -69,15 +69,14 @@ class Reference:
                 seed = streams
                 self.next_block = origin[0]
             self.advance(origin, seed, inputs)
-            self.runner.weights.clear()
-            return
-        for index, (stream, env, side) in enumerate(zip(streams, self.envs, self.side)):
-            env[self.boundaries[origin[0]]] = stream
-            self.run_blocks(index, env, range(origin[0], origin[-1] + 1), origin, inputs)
-            for name in list(env):
-                if name not in side:
-                    del env[name]
-        self.runner.weights.clear()
+        else:
+            for index, (stream, env, side) in enumerate(zip(streams, self.envs, self.side)):
+                env[self.boundaries[origin[0]]] = stream
+                self.run_blocks(index, env, range(origin[0], origin[-1] + 1), origin, inputs)
+                for name in list(env):
+                    if name not in side:
+                        del env[name]
+        self.runner.weights.clear()  # streamed weights held for these runs give way to the solve
 
     def advance(self, origin: tuple[int, ...], seed: Sequence[torch.Tensor] | None = None, inputs: bool = False) -> None:
         """Run the original model on its own stream (or ``seed``) up to the end of ``origin``."""
