@@ -124,6 +124,23 @@ def test_the_writer_shards_a_model_that_transformers_loads_back_exactly(tmp_path
     assert all(torch.equal(value, want[name]) for name, value in back.state_dict().items())
 
 
+def test_untouched_streamed_weights_are_copied_without_being_read(tmp_path):
+    path = saved("llama", tmp_path / "llama", dtype=torch.bfloat16)
+    skeleton, _ = load_model(path, stream=True, dtype=torch.float32)
+    graph = capture(skeleton)
+    pretrained = to_pretrained(graph, skeleton, discover_blocks(graph))
+    out = tmp_path / "out"
+    out.mkdir()
+    RESIDENT.reset_peak()
+    before = RESIDENT.peak
+    write_checkpoint(pretrained, out, torch.bfloat16, shard_bytes=20_000)
+    assert RESIDENT.peak == before
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    want = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert back.dtype == torch.bfloat16
+    assert all(torch.equal(value, want[name]) for name, value in back.state_dict().items())
+
+
 def test_a_streamed_compress_writes_what_the_in_memory_one_writes(tmp_path, texts):
     path = tmp_path / "llama"
     tiny_llama().to(torch.bfloat16).save_pretrained(path)

@@ -3,7 +3,9 @@
 ``save_pretrained`` gathers a whole shard in memory before writing it, and converting a model
 to the output dtype first (``model.to(bf16)``) makes a second copy of every weight. A streamed
 model holds no weights at all, so this writer lays out every shard's header from the tensors'
-shapes alone, then reads, converts and appends one tensor at a time. The files are standard:
+shapes alone, then reads, converts and appends one tensor at a time; a streamed tensor the
+passes left untouched, already in the output dtype, is copied from its source file byte for byte
+(``os.copy_file_range``) without passing through memory. The files are standard:
 ``model.safetensors`` for one shard, else ``model-0000i-of-0000n.safetensors`` and the index
 ``model.safetensors.index.json``, with the config and generation config beside them, so
 ``AutoModelForCausalLM.from_pretrained`` reads them as it reads its own.
@@ -12,6 +14,7 @@ shapes alone, then reads, converts and appends one tensor at a time. The files a
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from fxflatten.shards import DTYPES, INDEX, SINGLE
-from fxflatten.weights import StreamedTensor
+from fxflatten.weights import FileSlice, StreamedTensor
 
 #: Most bytes of tensor data per shard.
 SHARD_BYTES = 4 << 30
@@ -90,9 +93,41 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for tensor in tensors.values():
+            if _copyable(tensor, dtype):
+                _copy(tensor.source, handle)
+                bar.update()
+                continue
             value = tensor.materialize() if isinstance(tensor, StreamedTensor) else tensor.detach()
             value = value.to(device="cpu", dtype=_out_dtype(tensor, dtype)).contiguous()
             if value.numel():
                 handle.write(memoryview(value.view(torch.uint8).numpy()))
             del value
             bar.update()
+
+
+def _copyable(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``tensor`` is a whole file entry already stored as it is to be written."""
+    return (isinstance(tensor, StreamedTensor) and tensor.source.dtype == _out_dtype(tensor, dtype)
+            and tensor.source.shape == tuple(tensor.shape))
+
+
+def _copy(source: FileSlice, handle) -> None:
+    """Append ``source``'s bytes to ``handle`` in the kernel, file to file.
+
+    Where the kernel cannot copy between these files (another filesystem on an old kernel), the
+    rest goes through memory.
+    """
+    handle.flush()
+    done = 0
+    with open(source.file, "rb") as stored:
+        try:
+            while done < source.nbytes:
+                got = os.copy_file_range(stored.fileno(), handle.fileno(), source.nbytes - done, source.offset + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError:
+            pass
+    handle.seek(0, os.SEEK_END)
+    if done < source.nbytes:
+        handle.write(memoryview(source.read().view(torch.uint8).numpy().reshape(-1))[done:])
