@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -227,21 +228,40 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    """fxflatten export: ONNX (checked in ONNX Runtime), the tokenizer and a report, into one directory."""
+    """fxflatten export: ONNX (checked in ONNX Runtime; with --int8, quantized and checked by held-out
+    perplexity), the tokenizer and a report, into one directory."""
     from fxflatten.export.onnx import ONNX_FILE, to_onnx
     from fxflatten.export.program import load_source
+    from fxflatten.export.quantize import MAX_RATIO, quantization_tools, quantize_int8
 
     out = Path(args.out)
     if out.suffix == ".onnx":
         raise FxflattenError(f"--out {out}: give a directory (it gets {ONNX_FILE}, the tokenizer and report.json)")
+    if args.int8_max_ratio is not None and not args.int8:
+        raise FxflattenError("--int8-max-ratio applies to --int8 only; add --int8 or drop it")
+    max_ratio = MAX_RATIO if args.int8_max_ratio is None else args.int8_max_ratio
+    if args.int8:
+        quantization_tools()
+        if not max_ratio > 0:
+            raise FxflattenError(f"--int8-max-ratio {max_ratio}: give a positive multiple of the float model's perplexity, such as 1.05")
     check_output(out, args.force)
     source, tokenizer = load_source(args.model)
+    # Cut before the export, so that unusable text fails before minutes of work.
+    sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len) if args.int8 else {}
     with atomic_dir(out, args.force) as tmp:
-        onnx_export = to_onnx(source, tmp / ONNX_FILE, with_past=args.with_past, atol=args.atol)
+        target = tmp / ONNX_FILE
+        onnx_export = to_onnx(source, tmp / "float" / ONNX_FILE if args.int8 else target, with_past=args.with_past, atol=args.atol)
+        report = {"model": str(args.model), "onnx": onnx_export.as_dict()}
+        if args.int8:
+            int8 = quantize_int8(onnx_export.path, target, sets, onnx_export.external_data, max_ratio)
+            shutil.rmtree(onnx_export.path.parent)
+            report["int8"] = int8.as_dict()
         tokenizer.save_pretrained(tmp)
-        write_report(tmp, {"model": str(args.model), "onnx": onnx_export.as_dict()})
+        write_report(tmp, report)
     print(onnx_export.summary())
-    print(f"wrote {out / ONNX_FILE} ({onnx_export.form}) in {onnx_export.seconds:.0f} s")
+    if args.int8:
+        print(int8.summary())
+    print(f"wrote {out / ONNX_FILE} ({onnx_export.form}{', int8' if args.int8 else ''}) in {onnx_export.seconds:.0f} s")
 
 
 def run_onnx(args: argparse.Namespace) -> None:

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory: model.onnx (+ model.onnx.data when large), the tokenizer, report.json")
     export.add_argument("--with-past", action="store_true", help="export the decoding step with KV-cache inputs and outputs (past_key_values.N.key/value, present.N.key/value); needs a Hugging Face model")
     export.add_argument("--atol", type=float, default=1e-4, help="absolute logit tolerance of the ONNX Runtime check, plus 1e-4 x the largest logit (default 1e-4)")
+    export.add_argument("--int8", action="store_true", help="write int8 weights (8-bit blocks of 32, ONNX Runtime's MatMulNBits and GatherBlockQuantized), checked by held-out perplexity against the float export")
+    export.add_argument("--int8-max-ratio", type=float, default=None, metavar="R", help="refuse the int8 model when its held-out perplexity exceeds R x the float model's (default 1.02)")
+    export.add_argument("--eval-text", metavar="FILE", help="held-out text for the int8 check (default: the embedded evaluation domains)")
+    export.add_argument("--eval-windows", type=int, default=8, help="windows per domain for the int8 check (default 8)")
+    export.add_argument("--seq-len", type=int, default=512, help="tokens per window of the int8 check (default 512)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     export.set_defaults(run="run_export")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +30,19 @@ class Perplexity:
 
 
 @torch.no_grad()
-def perplexity(gm: GraphModule, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> Perplexity:
+def perplexity(gm: GraphModule | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], windows: torch.Tensor,
+               batch_size: int = 1, progress: bool = False) -> Perplexity:
     """exp(mean next-token cross-entropy) over non-overlapping windows, each scored on its own.
+
+    ``gm`` is a graph, or any callable taking ``(input_ids, attention_mask)`` on the CPU and giving
+    logits (an ONNX Runtime session through :class:`fxflatten.export.ort.SessionModel`).
 
     One window at a time by default: a window's logits (seq_len x vocabulary x 4 bytes) and
     its log-softmax as much again would, batched, dominate a run's peak memory, while one
     window of a few hundred tokens already keeps the matrix products efficient.
     """
     total, count = 0.0, 0
-    device = device_of(gm)
+    device = device_of(gm) if isinstance(gm, torch.nn.Module) else torch.device("cpu")
     for chunk in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, leave=False):
         chunk = chunk.to(device)
         logits = gm(chunk, torch.ones_like(chunk))
@@ -47,7 +52,7 @@ def perplexity(gm: GraphModule, windows: torch.Tensor, batch_size: int = 1, prog
     return Perplexity(math.exp(total / count), count, windows.shape[0], windows.shape[1])
 
 
-def perplexities(gm: GraphModule, sets: dict[str, torch.Tensor], progress: bool = False) -> dict[str, Perplexity]:
+def perplexities(gm: GraphModule | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sets: dict[str, torch.Tensor], progress: bool = False) -> dict[str, Perplexity]:
     """:func:`perplexity` on each named set of windows (one per domain)."""
     return {name: perplexity(gm, windows, progress=progress) for name, windows in sets.items()}
 

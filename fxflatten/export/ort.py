@@ -87,6 +87,26 @@ def step(sess, input_ids: np.ndarray, past: dict[str, np.ndarray], past_length: 
     return logits, dict(zip(names, presents))
 
 
+def sequence_logits(sess, input_ids: np.ndarray) -> np.ndarray:
+    """Logits at every position of ``input_ids`` (batch x tokens), from either exported form."""
+    if past_inputs(sess):
+        return step(sess, input_ids, empty_past(sess, input_ids.shape[0]), 0)[0]
+    return sess.run(["logits"], {"input_ids": input_ids.astype(np.int64), "attention_mask": np.ones_like(input_ids, dtype=np.int64)})[0]
+
+
+class SessionModel:
+    """An ONNX Runtime session called as a captured graph is: ``(input_ids, attention_mask) -> logits``,
+    so held-out perplexity is measured on the runtime's own output. Windows are whole (all ones)."""
+
+    def __init__(self, sess) -> None:
+        self.sess = sess
+
+    def __call__(self, input_ids, attention_mask=None):
+        import torch
+
+        return torch.from_numpy(sequence_logits(self.sess, input_ids.cpu().numpy()))
+
+
 def greedy(sess, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
     """The tokens greedy decoding appends to ``prompt_ids`` (one sequence), stopping at EOS."""
     if not prompt_ids:
@@ -104,8 +124,7 @@ def greedy(sess, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int |
         if with_past:
             logits, past = step(sess, feed_ids, past, len(tokens) - feed_ids.shape[1])
         else:
-            ids = np.array([tokens], dtype=np.int64)
-            logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+            logits = sequence_logits(sess, np.array([tokens], dtype=np.int64))
         token = int(logits[0, -1].argmax())
         new.append(token)
         tokens.append(token)
