@@ -65,7 +65,7 @@ def test_export_int8_writes_a_checked_model_or_nothing(tiny_llama_dir, tmp_path,
     assert capsys.readouterr().out.startswith("hi")
     # Past the threshold: one line, exit 2, and nothing at all written.
     refused = tmp_path / "refused"
-    assert main(["export", str(tiny_llama_dir), "--out", str(refused), "--int8", "--int8-max-ratio", "0.5", *check]) == 2
+    assert main(["export", str(tiny_llama_dir), "--out", str(refused), "--int8", "--max-ppl-ratio", "0.5", *check]) == 2
     err = capsys.readouterr().err
     assert "over the limit 0.5; nothing was written" in err and len(err.strip().splitlines()) == 1
     assert not refused.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
@@ -73,9 +73,9 @@ def test_export_int8_writes_a_checked_model_or_nothing(tiny_llama_dir, tmp_path,
 
 def test_int8_refusals_come_before_any_work(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "x")
-    assert main(["export", str(tiny_llama_dir), "--out", out, "--int8-max-ratio", "1.1"]) == 2
-    assert "applies to --int8 only" in capsys.readouterr().err
-    assert main(["export", str(tiny_llama_dir), "--out", out, "--int8", "--int8-max-ratio", "0"]) == 2
+    assert main(["export", str(tiny_llama_dir), "--out", out, "--max-ppl-ratio", "1.1"]) == 2
+    assert "applies to --int8 and --gguf only" in capsys.readouterr().err
+    assert main(["export", str(tiny_llama_dir), "--out", out, "--int8", "--max-ppl-ratio", "0"]) == 2
     assert "positive multiple" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
     monkeypatch.setitem(sys.modules, "onnxruntime.quantization.matmul_nbits_quantizer", None)

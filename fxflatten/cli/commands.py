@@ -125,8 +125,10 @@ def run_flatten(args: argparse.Namespace) -> None:
 
 def run_compress(args: argparse.Namespace) -> None:
     """fxflatten compress: select, flatten, fold, fuse, prune back, evaluate and save."""
+    from fxflatten.export.gguf_file import GGUF_FILE, check_gguf, check_gguf_support, write_gguf
     from fxflatten.export.hf import check_same_logits, to_pretrained
     from fxflatten.export.onnx import ONNX_FILE, to_onnx
+    from fxflatten.export.quantize import MAX_RATIO
     from fxflatten.export.sharded import write_checkpoint
     from fxflatten.pipeline import compress
     from fxflatten.plans import PruneConfig
@@ -141,11 +143,16 @@ def run_compress(args: argparse.Namespace) -> None:
     if args.stream and (args.flatten_share is not None or args.width != 1.0):
         raise FxflattenError("--width and --flatten-share give blocks of other shapes, saved as a torch.export program "
                              "that holds every weight in memory: run them without --stream")
+    if args.gguf and (args.flatten_share is not None or args.width != 1.0):
+        raise FxflattenError("--width and --flatten-share give blocks of other shapes, which a GGUF architecture cannot "
+                             "describe: drop --gguf, or them")
     if args.onnx and resolve_device(args.device).type != "cpu":
         raise FxflattenError("--onnx exports and checks the graph in ONNX Runtime on the CPU: compress on the GPU "
                              "without it, then run `fxflatten export OUT --out DIR` on the written checkpoint")
     profiler = Profiler()
     model, tokenizer, calib, graph, block_map = load_and_capture(args, profiler)
+    if args.gguf:
+        check_gguf_support(model.config, args.gguf)
     sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
     warn_if_overlapping(args.calib, args.eval_text)
     config = PruneConfig(target=args.target, head_score=args.head_score, refit_inputs=args.input_refit)
@@ -190,6 +197,19 @@ def run_compress(args: argparse.Namespace) -> None:
             onnx_export = to_onnx(result.graph, tmp / ONNX_FILE)
             report["onnx"] = onnx_export.as_dict()
             print(onnx_export.summary())
+        if args.gguf:
+            if report["format"] != "huggingface":
+                raise FxflattenError("the compressed model is not a standard checkpoint (see the warning above), so no "
+                                     "GGUF architecture describes it; nothing was written: compress without --gguf")
+            written = write_gguf(pretrained, tokenizer, tmp / GGUF_FILE, args.gguf, gguf_source(args.model), progress=True)
+            report["gguf"] = written.as_dict()
+            if args.stream:  # reading it back would hold the whole model in memory
+                log.warning("the GGUF file was not read back (--stream); check it with `fxflatten export %s --gguf %s`",
+                            out, args.gguf)
+            else:
+                compressed = {domain: p.value for domain, p in scores["compressed"].items()}
+                report["gguf"]["perplexity_ratio"] = check_gguf(written.path, compressed, sets, MAX_RATIO)
+            print(written.summary())
         report["steps"] = profiler.as_dict()
         write_report(tmp, report)
     print(perplexity_table(scores, {"dense": block_map, "compressed": compressed_map}))
@@ -229,23 +249,29 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     """fxflatten export: ONNX (checked in ONNX Runtime; with --int8, quantized and checked by held-out
-    perplexity), the tokenizer and a report, into one directory."""
+    perplexity) or, with --gguf, a GGUF file read back by transformers; the tokenizer and a report,
+    into one directory."""
     from fxflatten.export.onnx import ONNX_FILE, to_onnx
     from fxflatten.export.program import load_source
     from fxflatten.export.quantize import MAX_RATIO, quantization_tools, quantize_int8
 
     out = Path(args.out)
-    if out.suffix == ".onnx":
-        raise FxflattenError(f"--out {out}: give a directory (it gets {ONNX_FILE}, the tokenizer and report.json)")
-    if args.int8_max_ratio is not None and not args.int8:
-        raise FxflattenError("--int8-max-ratio applies to --int8 only; add --int8 or drop it")
-    max_ratio = MAX_RATIO if args.int8_max_ratio is None else args.int8_max_ratio
+    if out.suffix in (".onnx", ".gguf"):
+        raise FxflattenError(f"--out {out}: give a directory (it gets {ONNX_FILE} or model.gguf, the tokenizer and report.json)")
+    if args.gguf and (args.int8 or args.with_past):
+        raise FxflattenError("--gguf writes a GGUF file, not ONNX: drop --int8 and --with-past, or export twice")
+    if args.max_ppl_ratio is not None and not (args.int8 or args.gguf):
+        raise FxflattenError("--max-ppl-ratio applies to --int8 and --gguf only; add one or drop it")
+    max_ratio = MAX_RATIO if args.max_ppl_ratio is None else args.max_ppl_ratio
+    if not max_ratio > 0:
+        raise FxflattenError(f"--max-ppl-ratio {max_ratio}: give a positive multiple of the model's perplexity, such as 1.05")
     if args.int8:
         quantization_tools()
-        if not max_ratio > 0:
-            raise FxflattenError(f"--int8-max-ratio {max_ratio}: give a positive multiple of the float model's perplexity, such as 1.05")
     check_output(out, args.force)
     source, tokenizer = load_source(args.model)
+    if args.gguf:
+        export_gguf(args, source, tokenizer, out, max_ratio)
+        return
     # Cut before the export, so that unusable text fails before minutes of work.
     sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len) if args.int8 else {}
     with atomic_dir(out, args.force) as tmp:
@@ -262,6 +288,36 @@ def run_export(args: argparse.Namespace) -> None:
     if args.int8:
         print(int8.summary())
     print(f"wrote {out / ONNX_FILE} ({onnx_export.form}{', int8' if args.int8 else ''}) in {onnx_export.seconds:.0f} s")
+
+
+def export_gguf(args: argparse.Namespace, source, tokenizer: PreTrainedTokenizerBase, out: Path, max_ratio: float) -> None:
+    """fxflatten export --gguf: the model's held-out perplexity, then the file, read back and held to it."""
+    from fxflatten.eval.perplexity import perplexities
+    from fxflatten.export.gguf_file import GGUF_FILE, check_gguf, check_gguf_support, write_gguf
+
+    if isinstance(source, GraphModule):
+        raise FxflattenError("--gguf needs a Hugging Face model; this directory holds a torch.export program "
+                             "(blocks of other widths, which GGUF architectures cannot describe)")
+    check_gguf_support(source.config, args.gguf)
+    sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
+    reference = {domain: p.value for domain, p in perplexities(capture(source), sets).items()}
+    with atomic_dir(out, args.force) as tmp:
+        written = write_gguf(source, tokenizer, tmp / GGUF_FILE, args.gguf, gguf_source(args.model), progress=True)
+        ratio = check_gguf(written.path, reference, sets, max_ratio)
+        tokenizer.save_pretrained(tmp)
+        write_report(tmp, {"model": str(args.model), "gguf": written.as_dict() | {"perplexity_ratio": ratio}})
+    print(written.summary())
+    print(f"held-out perplexity read back by transformers: {ratio:.4f}x the model's")
+    print(f"wrote {out / GGUF_FILE}")
+
+
+def gguf_source(spec: str) -> Path | None:
+    """The GGUF file a model spec names (for its tokenizer's pre-tokenizer name), if any."""
+    from fxflatten.load import default_gguf
+
+    if spec == "default":
+        return default_gguf()
+    return Path(spec) if str(spec).lower().endswith(".gguf") else None
 
 
 def run_onnx(args: argparse.Namespace) -> None:

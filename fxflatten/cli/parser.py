@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--head-score", choices=["error", "energy"], default="error", help="choose KV groups by refit error (default) or output energy (the paper)")
     compress.add_argument("--stream", action="store_true", help="keep the weights in the checkpoint's safetensors files and read each block's when it is used, for models larger than memory; writes the checkpoint tensor by tensor, in shards")
     compress.add_argument("--onnx", action="store_true", help="also write model.onnx (logits form, checked in ONNX Runtime) into --out")
+    compress.add_argument("--gguf", choices=["f16", "bf16", "q8_0"], help="also write model.gguf (for llama.cpp) with matrices in this type, checked by reading it back with transformers (not with --stream); Llama-family and Qwen2 models")
     add_data_arguments(compress)
     compress.set_defaults(run="run_compress")
 
@@ -78,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--with-past", action="store_true", help="export the decoding step with KV-cache inputs and outputs (past_key_values.N.key/value, present.N.key/value); needs a Hugging Face model")
     export.add_argument("--atol", type=float, default=1e-4, help="absolute logit tolerance of the ONNX Runtime check, plus 1e-4 x the largest logit (default 1e-4)")
     export.add_argument("--int8", action="store_true", help="write int8 weights (8-bit blocks of 32, ONNX Runtime's MatMulNBits and GatherBlockQuantized), checked by held-out perplexity against the float export")
-    export.add_argument("--int8-max-ratio", type=float, default=None, metavar="R", help="refuse the int8 model when its held-out perplexity exceeds R x the float model's (default 1.02)")
-    export.add_argument("--eval-text", metavar="FILE", help="held-out text for the int8 check (default: the embedded evaluation domains)")
-    export.add_argument("--eval-windows", type=int, default=8, help="windows per domain for the int8 check (default 8)")
-    export.add_argument("--seq-len", type=int, default=512, help="tokens per window of the int8 check (default 512)")
+    export.add_argument("--gguf", choices=["f16", "bf16", "q8_0"], help="write model.gguf (for llama.cpp) with matrices in this type instead of ONNX, checked by reading it back with transformers; Llama-family and Qwen2 models")
+    export.add_argument("--max-ppl-ratio", type=float, default=None, metavar="R", help="with --int8 or --gguf: refuse the result when its held-out perplexity exceeds R x the model's (default 1.02)")
+    export.add_argument("--eval-text", metavar="FILE", help="held-out text for the --int8 / --gguf check (default: the embedded evaluation domains)")
+    export.add_argument("--eval-windows", type=int, default=8, help="windows per domain for the --int8 / --gguf check (default 8)")
+    export.add_argument("--seq-len", type=int, default=512, help="tokens per window of the --int8 / --gguf check (default 512)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     export.set_defaults(run="run_export")
 

@@ -168,7 +168,7 @@ def quantize_int8(float_path: Path, path: Path, sets: dict[str, torch.Tensor], e
     log.info("%s", check.summary())
     if not ratio <= max_ratio:  # NaN fails too
         raise FxflattenError(f"int8 held-out perplexity is {ratio:.4f}x the float model's, over the limit {max_ratio}; "
-                             "nothing was written (raise --int8-max-ratio to accept it)")
+                             "nothing was written (raise --max-ppl-ratio to accept it)")
     return check
 
 
