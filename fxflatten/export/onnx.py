@@ -160,8 +160,9 @@ def export_logits(graph: GraphModule, path: Path) -> bool:
     return dynamo_export(graph, graph_example_inputs(graph), path, list(LOGITS_INPUTS), [LOGITS], (dims, dims))
 
 
-def export_with_past(wrapper: WithPast, shape: CacheShape, path: Path) -> bool:
-    """Trace one step with 3 new tokens after 5 cached ones; every axis but the heads is dynamic."""
+def with_past_example(wrapper: WithPast, shape: CacheShape) -> tuple[tuple, tuple, list[str], list[str]]:
+    """Arguments, dynamic shapes, input and output names to trace one decoding step with: 3 new
+    tokens after 5 cached ones; every axis but the heads is dynamic."""
     config = wrapper.model.config
     batch, seq, past = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=8192), Dim("past_sequence", min=0, max=8192)
     total = Dim("total_sequence", min=1, max=16384)
@@ -170,7 +171,12 @@ def export_with_past(wrapper: WithPast, shape: CacheShape, path: Path) -> bool:
     args = (input_ids, torch.ones(2, 8, dtype=torch.long), torch.arange(5, 8).expand(2, 3),
             *shape.empty(2, 5, dtype=next(wrapper.parameters()).dtype, generator=generator))
     dims = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in shape.past_names()))
-    return dynamo_export(wrapper, args, path, [*STEP_INPUTS, *shape.past_names()], [LOGITS, *shape.present_names()], dims)
+    return args, dims, [*STEP_INPUTS, *shape.past_names()], [LOGITS, *shape.present_names()]
+
+
+def export_with_past(wrapper: WithPast, shape: CacheShape, path: Path) -> bool:
+    args, dims, inputs, outputs = with_past_example(wrapper, shape)
+    return dynamo_export(wrapper, args, path, inputs, outputs, dims)
 
 
 def compare(name: str, got, expected: torch.Tensor, atol: float, rtol: float, differences: dict[str, float]) -> float:
