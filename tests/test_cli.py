@@ -1,6 +1,8 @@
 """The fxflatten command: tables, JSON, and one-line errors with exit status 2."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,3 +156,16 @@ def test_compress_command_with_no_flattened_share_width_prunes_into_a_program(ti
     assert report["ratio"]["achieved"] == pytest.approx(0.3, abs=0.03)
     assert report["format"] == "torch.export" and (out / "model.pt2").is_file()
     assert "flatten" not in report["steps"]  # nothing to flatten, so the flatten passes do not run
+
+
+def test_the_command_speaks_only_for_itself(tmp_path):
+    """``import fxflatten`` defers torch and transformers, so the command sets up logging before
+    transformers imports torchao (when installed), whose import logs about its CUDA kernels."""
+    imported = subprocess.run([sys.executable, "-c", "import sys, fxflatten, fxflatten.cli; print('transformers' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+    model_dir = save_with_tokenizer(build("llama", Shape(layers=2)), tmp_path / "llama")
+    run = subprocess.run([sys.executable, "-c", "import sys; from fxflatten.cli import main; sys.exit(main(sys.argv[1:]))",
+                          "inspect", str(model_dir)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""

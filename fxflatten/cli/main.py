@@ -18,15 +18,17 @@ from fxflatten.errors import FxflattenError
 
 def quiet_libraries() -> None:
     """Keep transformers' warnings and weight-loading bars out of the user's terminal."""
+    # The ONNX exporter logs every optional op set it skips and every rewrite it applies;
+    # lm-eval warns about every task option it fills in by default; torchao (imported by
+    # transformers when installed) warns about its CUDA kernels on a CPU machine and about
+    # deprecated pytree registrations. Set before transformers is imported.
+    for name in ("torch.onnx", "onnxscript", "onnx_ir", "lm_eval", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # The ONNX exporter logs every optional op set it skips and every rewrite it applies;
-    # lm-eval warns about every task option it fills in by default.
-    for name in ("torch.onnx", "onnxscript", "onnx_ir", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
