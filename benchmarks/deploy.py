@@ -15,7 +15,10 @@ CPU, so the columns compare like with like:
 
 Perplexity is ONNX Runtime's own on held-out windows of every evaluation domain (geometric mean
 over domains). Prefill: one prompt, batch 1. Decode: greedy steps from the KV cache, per token.
-Repeats are interleaved across the variants and the first round is dropped; medians.
+Each timing runs in a fresh process that loads one variant alone and warms it up first: thread
+pools left spinning by other runtimes in one process (ONNX Runtime's, llama.cpp's, torch's)
+slowed the shortest steps, int8 decoding most, by up to 1.4x. Repeats are interleaved across the
+variants; medians.
 
     python -m benchmarks.deploy [--compressed DIR] [--repeats 3]
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import tempfile
@@ -39,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.export import Dim
+from tqdm import tqdm
 
 from benchmarks.common import write_results
 from benchmarks.speed import ort_decode, ort_prefill
@@ -55,6 +60,10 @@ from fxflatten.tables import format_table
 from fxflatten.text import calibration_windows, evaluation_sets
 
 GGUF = "q8_0 (llama.cpp)"
+
+
+def perplexities_of(runner, sets: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {domain: p.value for domain, p in perplexities(runner, sets, progress=True).items()}
 
 
 def llama_cpp_available() -> bool:
@@ -121,6 +130,21 @@ class LlamaCpp:
         return (time.perf_counter() - start) / new_tokens
 
 
+def time_alone(kind: str, path: str, context: int, prefill_ids: np.ndarray, prompt_ids: np.ndarray,
+               new_tokens: int) -> tuple[float, float]:
+    """Prefill seconds and decode seconds per token of one file, after a warm-up run; called in a
+    process of its own, so no other runtime's threads compete for the cores."""
+    if kind == GGUF:
+        llm = LlamaCpp(Path(path), context)
+        prefill, decode = llm.prefill, llm.decode
+    else:
+        sess = ort.session(path, [ort.CPU])
+        prefill, decode = partial(ort_prefill, sess), partial(ort_decode, sess)
+    prefill(prefill_ids)
+    decode(prompt_ids, new_tokens)
+    return prefill(prefill_ids), decode(prompt_ids, new_tokens)
+
+
 def file_bytes(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
@@ -161,34 +185,31 @@ def main() -> None:
             quantize_file(files[name, "float32"], files[name, "int8 (ORT)"], external_data=False)
             files[name, "int8 (PT2E)"] = Path(tmp) / f"{name}-int8-pt2e.onnx"
             pt2e_onnx(model, pt2e_calib, files[name, "int8 (PT2E)"])
-        runners = {}
-        for key, path in files.items():
-            sess = ort.session(path, [ort.CPU])
-            runners[key] = (ort.SessionModel(sess), partial(ort_prefill, sess), partial(ort_decode, sess))
+        scores = {key: perplexities_of(ort.SessionModel(ort.session(path, [ort.CPU])), sets) for key, path in files.items()}
+        context = max(args.seq_len, args.prefill, args.prompt + args.new_tokens)
         if llama_cpp_available():
-            context = max(args.seq_len, args.prefill, args.prompt + args.new_tokens)
             for name, model in models.items():
                 files[name, GGUF] = Path(tmp) / f"{name}-q8_0.gguf"
                 write_gguf(model, tokenizer, files[name, GGUF], "q8_0", default_gguf())
                 llm = LlamaCpp(files[name, GGUF], context)
-                runners[name, GGUF] = (llm, llm.prefill, llm.decode)
+                scores[name, GGUF] = perplexities_of(llm, sets)
                 sample = "The capital of France is Paris. 12345 def f(x): return x**2"
                 tokenizer_agrees[name] = llm.llm.tokenize(sample.encode(), add_bos=False) == tokenizer(sample).input_ids
+                del llm
         else:
             print("llama-cpp-python is not installed: no llama.cpp rows (pip install llama-cpp-python, a source build)")
-        scores = {key: {d: p.value for d, p in perplexities(runner, sets, progress=True).items()}
-                  for key, (runner, _, _) in runners.items()}
         generator = torch.Generator().manual_seed(0)
         prefill_ids = torch.randint(0, dense.config.vocab_size, (1, args.prefill), generator=generator).numpy()
         prompt_ids = torch.randint(0, dense.config.vocab_size, (1, args.prompt), generator=generator).numpy()
         times: dict[tuple[str, str, str], list[float]] = {}
-        for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
-            for (name, weights), (_, prefill, decode) in runners.items():
-                for phase, run in (("prefill", lambda: prefill(prefill_ids)),
-                                   ("decode", lambda: decode(prompt_ids, args.new_tokens))):
-                    seconds = run()
-                    if repeat:
-                        times.setdefault((name, weights, phase), []).append(seconds)
+        # A new worker process for every timing (maxtasksperchild=1); the repeats go round the variants.
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            for _ in tqdm(range(args.repeats), desc="timing"):
+                for (name, weights), path in files.items():
+                    kind = GGUF if weights == GGUF else "onnx"
+                    seconds = pool.apply(time_alone, (kind, str(path), context, prefill_ids, prompt_ids, args.new_tokens))
+                    for phase, value in zip(("prefill", "decode"), seconds):
+                        times.setdefault((name, weights, phase), []).append(value)
         sizes = {key: file_bytes(path) for key, path in files.items()}
     median = {key: statistics.median(values) for key, values in times.items()}
     base = ("dense", "float32")
@@ -236,8 +257,9 @@ def main() -> None:
         f"calibrated on {args.pt2e_windows} x 256 tokens), exported to ONNX as QDQ. Held-out perplexity from "
         f"ONNX Runtime's logits on {domains}, geometric mean over the domains. Prefill: {args.prefill} tokens; "
         f"decode: {args.new_tokens} greedy tokens from the KV cache after a {args.prompt}-token prompt; batch 1. "
-        f"Medians of {args.repeats} interleaved repeats after a warm-up round, all variants side by side in one "
-        f"process. {platform.processor() or platform.machine()}, {torch.get_num_threads()} cores.\n\n"
+        f"Medians of {args.repeats} repeats interleaved across the variants, each timed in a fresh process that "
+        f"loads that variant alone and warms it up. {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} cores.\n\n"
         f"```\n{table}\n```\n\n{goals}{gguf_line}",
         {"ratio": args.ratio, "llama_cpp_tokenizer_agrees": tokenizer_agrees, "groups": groups, "repeats": args.repeats, "prefill_tokens": args.prefill,
          "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "evaluation": domains,
