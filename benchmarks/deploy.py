@@ -52,7 +52,7 @@ from fxflatten.eval.perplexity import geometric_mean, perplexities
 from fxflatten.export import ort, to_onnx
 from fxflatten.export.gguf_file import write_gguf
 from fxflatten.export.hf import to_pretrained
-from fxflatten.export.onnx import check_model, dynamo_export, with_past_example
+from fxflatten.export.onnx import DECODING_OPSET, check_model, dynamo_export, with_past_example
 from fxflatten.export.past import WithPast, cache_shape
 from fxflatten.export.quantize import quantize_file
 from fxflatten.load import default_gguf
@@ -93,7 +93,7 @@ def pt2e_onnx(model, calib: torch.Tensor, path: Path) -> None:
         for window in calib:
             ids = window[None]
             prepared(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], *shape.empty(1, 0))
-    dynamo_export(convert_pt2e(prepared), args, path, inputs, outputs, flat)
+    dynamo_export(convert_pt2e(prepared), args, path, inputs, outputs, flat, DECODING_OPSET)
     check_model(path)
 
 
