@@ -130,11 +130,11 @@ class LlamaCpp:
         return (time.perf_counter() - start) / new_tokens
 
 
-def time_alone(kind: str, path: str, context: int, prefill_ids: np.ndarray, prompt_ids: np.ndarray,
+def time_alone(weights: str, path: str, context: int, prefill_ids: np.ndarray, prompt_ids: np.ndarray,
                new_tokens: int) -> tuple[float, float]:
     """Prefill seconds and decode seconds per token of one file, after a warm-up run; called in a
     process of its own, so no other runtime's threads compete for the cores."""
-    if kind == GGUF:
+    if weights == GGUF:
         llm = LlamaCpp(Path(path), context)
         prefill, decode = llm.prefill, llm.decode
     else:
@@ -206,8 +206,7 @@ def main() -> None:
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             for _ in tqdm(range(args.repeats), desc="timing"):
                 for (name, weights), path in files.items():
-                    kind = GGUF if weights == GGUF else "onnx"
-                    seconds = pool.apply(time_alone, (kind, str(path), context, prefill_ids, prompt_ids, args.new_tokens))
+                    seconds = pool.apply(time_alone, (weights, str(path), context, prefill_ids, prompt_ids, args.new_tokens))
                     for phase, value in zip(("prefill", "decode"), seconds):
                         times.setdefault((name, weights, phase), []).append(value)
         sizes = {key: file_bytes(path) for key, path in files.items()}

@@ -164,6 +164,9 @@ def test_the_command_speaks_only_for_itself(tmp_path):
     imported = subprocess.run([sys.executable, "-c", "import sys, fxflatten, fxflatten.cli; print('transformers' in sys.modules)"],
                               capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"
+    import fxflatten
+
+    assert all(getattr(fxflatten, name) is not None for name in fxflatten.__all__)
     model_dir = save_with_tokenizer(build("llama", Shape(layers=2)), tmp_path / "llama")
     run = subprocess.run([sys.executable, "-c", "import sys; from fxflatten.cli import main; sys.exit(main(sys.argv[1:]))",
                           "inspect", str(model_dir)], capture_output=True, text=True)

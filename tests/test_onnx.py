@@ -2,6 +2,7 @@
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from fxflatten import FxflattenError, capture, compress, discover_blocks
 from fxflatten.cli import main
 from fxflatten.export import ort, to_onnx
 from fxflatten.export.hf import to_pretrained
+from fxflatten.export.onnx import DECODING_OPSET
 from fxflatten.export.program import save_program
 from tests.checkpoints import byte_tokenizer, tiny_llama
 from tests.graphs import CALIB, ONNX, logits, pipeline, tokens
@@ -63,6 +65,12 @@ def test_with_past_decodes_like_pytorch(family, dense, tmp_path):
     assert [o.name for o in sess.get_outputs()][1:] == [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     prompt = IDS[0].tolist()
     assert ort.greedy(sess, prompt, 6) == torch_greedy(model, prompt, 6)
+    # At the decoding opset attention (and, in rotary RMS-norm families, the rotary embedding and
+    # the norms) are single nodes: the step's speed in ONNX Runtime rests on it.
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == DECODING_OPSET
+    fused = {"Attention", "RotaryEmbedding", "RMSNormalization"} if family != "gpt2" else {"Attention"}
+    assert fused <= {node.op_type for node in graph.graph.node}
 
 
 def test_greedy_from_the_logits_form_equals_the_cached_form(tmp_path):
