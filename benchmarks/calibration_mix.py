@@ -23,7 +23,7 @@ import torch
 from benchmarks.baselines import replaceme
 from benchmarks.common import write_results
 from fxflatten import capture, discover_blocks, load_model
-from fxflatten.eval.perplexity import geometric_mean, perplexities
+from fxflatten.eval.perplexity import geometric_mean, perplexities, perplexity_values
 from fxflatten.pipeline import compress
 from fxflatten.selection import greedy_groups, hidden_similarity
 from fxflatten.tables import format_table
@@ -47,7 +47,7 @@ def main() -> None:
     block_parameters = [block.parameters for block in dense_map.blocks]
     sources = default_text().sources
     sets = evaluation_sets(tokenizer, None, args.eval_windows, args.seq_len)
-    dense_ppl = {domain: p.value for domain, p in perplexities(dense, sets).items()}
+    dense_ppl = perplexity_values(dense, sets)
 
     def score(graph) -> dict[str, float]:
         x = {domain: p.value / dense_ppl[domain] for domain, p in perplexities(graph, sets).items()}

@@ -48,11 +48,11 @@ from tqdm import tqdm
 from benchmarks.common import write_results
 from benchmarks.speed import ort_decode, ort_prefill
 from fxflatten import capture, compress, discover_blocks, load_model
-from fxflatten.eval.perplexity import geometric_mean, perplexities
+from fxflatten.eval.perplexity import geometric_mean, perplexity_values
 from fxflatten.export import ort, to_onnx
 from fxflatten.export.gguf_file import write_gguf
 from fxflatten.export.hf import to_pretrained
-from fxflatten.export.onnx import DECODING_OPSET, check_model, dynamo_export, with_past_example
+from fxflatten.export.onnx import DECODING_OPSET, check_model, dynamo_export, file_bytes, with_past_example
 from fxflatten.export.past import WithPast, cache_shape
 from fxflatten.export.quantize import quantize_file
 from fxflatten.load import default_gguf
@@ -60,10 +60,6 @@ from fxflatten.tables import format_table
 from fxflatten.text import calibration_windows, evaluation_sets
 
 GGUF = "q8_0 (llama.cpp)"
-
-
-def perplexities_of(runner, sets: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {domain: p.value for domain, p in perplexities(runner, sets, progress=True).items()}
 
 
 def llama_cpp_available() -> bool:
@@ -145,11 +141,6 @@ def time_alone(weights: str, path: str, context: int, prefill_ids: np.ndarray, p
     return prefill(prefill_ids), decode(prompt_ids, new_tokens)
 
 
-def file_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.2)
@@ -185,14 +176,15 @@ def main() -> None:
             quantize_file(files[name, "float32"], files[name, "int8 (ORT)"], external_data=False)
             files[name, "int8 (PT2E)"] = Path(tmp) / f"{name}-int8-pt2e.onnx"
             pt2e_onnx(model, pt2e_calib, files[name, "int8 (PT2E)"])
-        scores = {key: perplexities_of(ort.SessionModel(ort.session(path, [ort.CPU])), sets) for key, path in files.items()}
+        scores = {key: perplexity_values(ort.SessionModel(ort.session(path, [ort.CPU])), sets, progress=True)
+                  for key, path in files.items()}
         context = max(args.seq_len, args.prefill, args.prompt + args.new_tokens)
         if llama_cpp_available():
             for name, model in models.items():
                 files[name, GGUF] = Path(tmp) / f"{name}-q8_0.gguf"
                 write_gguf(model, tokenizer, files[name, GGUF], "q8_0", default_gguf())
                 llm = LlamaCpp(files[name, GGUF], context)
-                scores[name, GGUF] = perplexities_of(llm, sets)
+                scores[name, GGUF] = perplexity_values(llm, sets, progress=True)
                 sample = "The capital of France is Paris. 12345 def f(x): return x**2"
                 tokenizer_agrees[name] = llm.llm.tokenize(sample.encode(), add_bos=False) == tokenizer(sample).input_ids
                 del llm

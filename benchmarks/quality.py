@@ -48,7 +48,7 @@ from benchmarks.common import RESULTS, default_setup
 from benchmarks.prune_ablation import shortgpt_blocks
 from fxflatten import PruneConfig, capture, discover_blocks, flatten
 from fxflatten.eval.harness import TASK, zero_shot
-from fxflatten.eval.perplexity import geometric_mean, perplexities
+from fxflatten.eval.perplexity import geometric_mean, perplexity_values
 from fxflatten.passes.prune import PrunePass
 from fxflatten.passes.remove import RemoveBlocksPass
 from fxflatten.plans import plan_blocks, width_plans
@@ -96,7 +96,7 @@ class Bench:
         """One row; ``accuracy=False`` skips the task for rows not at equal size."""
         block_map = discover_blocks(graph)
         score = zero_shot(graph, self.tokenizer, [TASK], limit=self.items)[0] if accuracy and self.items else None
-        values = {domain: p.value for domain, p in perplexities(graph, self.sets).items()}
+        values = perplexity_values(graph, self.sets)
         self.dense = self.dense or values
         x_dense = geometric_mean([values[domain] / self.dense[domain] for domain in values])
         row = Row(ratio, method, len(block_map.blocks), block_map.total_parameters,

@@ -292,7 +292,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def export_gguf(args: argparse.Namespace, source, tokenizer: PreTrainedTokenizerBase, out: Path, max_ratio: float) -> None:
     """fxflatten export --gguf: the model's held-out perplexity, then the file, read back and held to it."""
-    from fxflatten.eval.perplexity import perplexities
+    from fxflatten.eval.perplexity import perplexity_values
     from fxflatten.export.gguf_file import GGUF_FILE, check_gguf, check_gguf_support, write_gguf
 
     if isinstance(source, GraphModule):
@@ -300,7 +300,7 @@ def export_gguf(args: argparse.Namespace, source, tokenizer: PreTrainedTokenizer
                              "(blocks of other widths, which GGUF architectures cannot describe)")
     check_gguf_support(source.config, args.gguf)
     sets = evaluation_sets(tokenizer, args.eval_text, args.eval_windows, args.seq_len)
-    reference = {domain: p.value for domain, p in perplexities(capture(source), sets).items()}
+    reference = perplexity_values(capture(source), sets)
     with atomic_dir(out, args.force) as tmp:
         written = write_gguf(source, tokenizer, tmp / GGUF_FILE, args.gguf, gguf_source(args.model), progress=True)
         ratio = check_gguf(written.path, reference, sets, max_ratio)

@@ -57,6 +57,17 @@ def perplexities(gm: GraphModule | Callable[[torch.Tensor, torch.Tensor], torch.
     return {name: perplexity(gm, windows, progress=progress) for name, windows in sets.items()}
 
 
+def perplexity_values(gm: GraphModule | Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sets: dict[str, torch.Tensor],
+                      progress: bool = False) -> dict[str, float]:
+    """:func:`perplexities` as plain numbers, for reports and comparisons."""
+    return {name: result.value for name, result in perplexities(gm, sets, progress).items()}
+
+
+def ratio_over_domains(values: dict[str, float], reference: dict[str, float]) -> float:
+    """How many times ``reference``'s perplexity ``values`` are: the geometric mean over domains."""
+    return geometric_mean([values[domain] / reference[domain] for domain in reference])
+
+
 def geometric_mean(values: list[float]) -> float:
     """The geometric mean: the summary of perplexity ratios over domains, where a domain that
     doubles counts as much as one that halves."""

@@ -118,12 +118,11 @@ def check_gguf(path: Path, reference: dict[str, float], sets: dict[str, torch.Te
     """
     from transformers import AutoModelForCausalLM
 
-    from fxflatten.eval.perplexity import geometric_mean, perplexities
+    from fxflatten.eval.perplexity import perplexity_values, ratio_over_domains
     from fxflatten.graph.capture import capture
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    scores = perplexities(capture(model), sets)
-    ratio = geometric_mean([scores[domain].value / reference[domain] for domain in sets])
+    ratio = ratio_over_domains(perplexity_values(capture(model), sets), reference)
     log.info("GGUF read back by transformers: held-out perplexity %.4fx the model's", ratio)
     if not ratio <= max_ratio:  # NaN fails too
         raise FxflattenError(f"the GGUF file read back has {ratio:.4f}x the model's held-out perplexity, over the limit "

@@ -129,6 +129,12 @@ def staged(path: Path) -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def file_bytes(path: Path) -> int:
+    """Size of an ONNX file with its external data (``<file>.data``), if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def check_model(path: Path) -> None:
     """The ONNX checker, given the path so that external data and files over 2 GiB work."""
     try:

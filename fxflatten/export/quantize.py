@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from fxflatten.errors import FxflattenError
-from fxflatten.eval.perplexity import geometric_mean, perplexities
+from fxflatten.eval.perplexity import perplexity_values, ratio_over_domains
 from fxflatten.export import ort
+from fxflatten.export.onnx import file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,10 @@ def quantize_int8(float_path: Path, path: Path, sets: dict[str, torch.Tensor], e
     quantize_file(float_path, path, external_data)
     scores = {}
     for label, file in (("float", float_path), ("int8", path)):
-        scores[label] = {domain: p.value for domain, p in perplexities(ort.SessionModel(ort.session(file)), sets).items()}
-    ratio = geometric_mean([scores["int8"][d] / scores["float"][d] for d in sets])
+        scores[label] = perplexity_values(ort.SessionModel(ort.session(file)), sets)
+    ratio = ratio_over_domains(scores["int8"], scores["float"])
     windows = ", ".join(f"{w.shape[0]} x {w.shape[1]} tokens of {d}" for d, w in sets.items())
-    check = Int8Check(scores["float"], scores["int8"], ratio, max_ratio, _file_bytes(float_path), _file_bytes(path),
+    check = Int8Check(scores["float"], scores["int8"], ratio, max_ratio, file_bytes(float_path), file_bytes(path),
                       windows, time.perf_counter() - start)
     log.info("%s", check.summary())
     if not ratio <= max_ratio:  # NaN fails too
@@ -171,7 +172,3 @@ def quantize_int8(float_path: Path, path: Path, sets: dict[str, torch.Tensor], e
                              "nothing was written (raise --max-ppl-ratio to accept it)")
     return check
 
-
-def _file_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
